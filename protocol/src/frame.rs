@@ -1,0 +1,231 @@
+//! Length-prefixed framing over a byte stream.
+//!
+//! A frame is a 4-byte little-endian length followed by that many bytes of
+//! body. The reader checks the declared length against its limit before it
+//! allocates anything, so a hostile header costs four bytes of reading and a
+//! typed error. A frame that arrives in pieces is simply waited for; only
+//! end-of-stream inside a frame is an error.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+
+use crate::codec::{self, CodecError};
+
+/// The default largest frame body, in bytes (16 MiB).
+pub const DEFAULT_MAX_FRAME: u32 = 16 * 1024 * 1024;
+
+/// The size of the length prefix.
+pub const HEADER_LEN: usize = 4;
+
+/// How much the reader asks the socket for at a time. Small enough that a
+/// thousand idle plugins cost little, large enough that a burst of small
+/// frames is read in one system call.
+const READ_BUFFER: usize = 8 * 1024;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: u64, max: u32 },
+    #[error("stream ended inside a frame after {read} of {expected} bytes")]
+    Truncated { read: usize, expected: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(#[source] CodecError),
+    #[error(transparent)]
+    Encode(CodecError),
+    #[error("socket error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads whole frames from a stream and decodes their bodies.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    stream: BufReader<R>,
+    body: Vec<u8>,
+    max_frame: u32,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps `stream`; frames longer than `max_frame` bytes are refused.
+    pub fn new(stream: R, max_frame: u32) -> Self {
+        FrameReader {
+            stream: BufReader::with_capacity(READ_BUFFER, stream),
+            body: Vec::new(),
+            max_frame,
+        }
+    }
+
+    /// Changes the frame limit, for instance after the handshake agreed one.
+    pub fn set_max_frame(&mut self, max_frame: u32) {
+        self.max_frame = max_frame;
+    }
+
+    /// Reads the next frame and decodes its body as `T`.
+    ///
+    /// Returns `Ok(None)` when the stream ends cleanly between frames. Not
+    /// cancel-safe: dropping the future mid-frame loses the frame's start,
+    /// so read from one task and do not race this against other futures.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::TooLarge`] for a declared length over the limit (the
+    /// body is not read, so the stream is unusable afterwards),
+    /// [`FrameError::Truncated`] for end-of-stream inside a frame,
+    /// [`FrameError::Malformed`] for a body that is not a `T`, and
+    /// [`FrameError::Io`] for socket errors.
+    pub async fn read<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        let Some(len) = self.read_header().await? else {
+            return Ok(None);
+        };
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge { len: u64::from(len), max: self.max_frame });
+        }
+
+        let len = len as usize;
+        if self.body.len() < len {
+            self.body.resize(len, 0);
+        }
+        let body = &mut self.body[..len];
+        let mut read = 0;
+        while read < len {
+            match self.stream.read(&mut body[read..]).await? {
+                0 => return Err(FrameError::Truncated { read, expected: len }),
+                n => read += n,
+            }
+        }
+
+        let message = codec::decode(body).map_err(FrameError::Malformed)?;
+        self.shrink_after_large_frame(len);
+        Ok(Some(message))
+    }
+
+    async fn read_header(&mut self) -> Result<Option<u32>, FrameError> {
+        let mut header = [0u8; HEADER_LEN];
+        let mut read = 0;
+        while read < HEADER_LEN {
+            match self.stream.read(&mut header[read..]).await? {
+                0 if read == 0 => return Ok(None),
+                0 => return Err(FrameError::Truncated { read, expected: HEADER_LEN }),
+                n => read += n,
+            }
+        }
+        Ok(Some(u32::from_le_bytes(header)))
+    }
+
+    /// A single large frame should not pin its buffer for the connection's
+    /// whole life.
+    fn shrink_after_large_frame(&mut self, len: usize) {
+        const KEEP: usize = 64 * 1024;
+        if len > KEEP {
+            self.body = Vec::new();
+        }
+    }
+}
+
+/// Appends one frame holding `message` to `buf`.
+///
+/// # Errors
+///
+/// [`FrameError::TooLarge`] when the body would exceed `max_frame` bytes; `buf`
+/// is then left as it was.
+pub fn encode_frame<T: Serialize + ?Sized>(
+    message: &T,
+    max_frame: u32,
+    buf: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; HEADER_LEN]);
+    if let Err(err) = codec::encode_into(message, buf) {
+        buf.truncate(start);
+        return Err(FrameError::Encode(err));
+    }
+
+    let len = buf.len() - start - HEADER_LEN;
+    let fits = u32::try_from(len).ok().filter(|&len| len <= max_frame);
+    let Some(len) = fits else {
+        buf.truncate(start);
+        return Err(FrameError::TooLarge { len: len as u64, max: max_frame });
+    };
+    buf[start..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::message::HostMessage;
+
+    fn frames(messages: &[HostMessage]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for message in messages {
+            encode_frame(message, DEFAULT_MAX_FRAME, &mut buf).unwrap();
+        }
+        buf
+    }
+
+    #[tokio::test]
+    async fn back_to_back_frames_then_clean_eof() {
+        let sent = [HostMessage::Ping { nonce: 1 }, HostMessage::Shutdown];
+        let bytes = frames(&sent);
+        let mut reader = FrameReader::new(&bytes[..], DEFAULT_MAX_FRAME);
+        assert_eq!(reader.read::<HostMessage>().await.unwrap(), Some(sent[0].clone()));
+        assert_eq!(reader.read::<HostMessage>().await.unwrap(), Some(sent[1].clone()));
+        assert!(reader.read::<HostMessage>().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_frame_arriving_byte_by_byte_is_waited_for() {
+        let bytes = frames(&[HostMessage::Ping { nonce: 77 }]);
+        let (mut tx, rx) = tokio::io::duplex(1);
+        let writer = tokio::spawn(async move {
+            for byte in bytes {
+                tx.write_all(&[byte]).await.unwrap();
+            }
+        });
+        let mut reader = FrameReader::new(rx, DEFAULT_MAX_FRAME);
+        let got = reader.read::<HostMessage>().await.unwrap();
+        assert_eq!(got, Some(HostMessage::Ping { nonce: 77 }));
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn eof_inside_header_and_body_is_truncation() {
+        let bytes = frames(&[HostMessage::Ping { nonce: 1 }]);
+        for cut in 1..bytes.len() {
+            let mut reader = FrameReader::new(&bytes[..cut], DEFAULT_MAX_FRAME);
+            let err = reader.read::<HostMessage>().await.unwrap_err();
+            assert!(matches!(err, FrameError::Truncated { .. }), "cut {cut}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn hostile_length_is_refused_before_allocating() {
+        // Declares 4 GiB - 1 and sends nothing else.
+        let bytes = u32::MAX.to_le_bytes();
+        let mut reader = FrameReader::new(&bytes[..], DEFAULT_MAX_FRAME);
+        let err = reader.read::<HostMessage>().await.unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { len, .. } if len == u64::from(u32::MAX)));
+        assert!(reader.body.capacity() == 0, "allocated for a refused frame");
+    }
+
+    #[tokio::test]
+    async fn garbage_body_is_malformed() {
+        let mut bytes = 3u32.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[0xff, 0xff, 0xff]);
+        let mut reader = FrameReader::new(&bytes[..], DEFAULT_MAX_FRAME);
+        let err = reader.read::<HostMessage>().await.unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn oversized_message_is_refused_when_encoding() {
+        let mut buf = vec![1, 2, 3];
+        let big = HostMessage::Reject { reason: "x".repeat(100) };
+        let err = encode_frame(&big, 50, &mut buf).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { max: 50, .. }), "{err}");
+        assert_eq!(buf, [1, 2, 3], "buffer must be left as it was");
+    }
+}
