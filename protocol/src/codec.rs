@@ -14,7 +14,7 @@
 //! smallest of a few fixed limits that is at least the input's length: no
 //! allocation can exceed sixteen times the bytes actually received.
 
-use bincode::config::{self, Configuration, Fixint, LittleEndian, Limit, NoLimit};
+use bincode::config::{self, Configuration, Fixint, Limit, LittleEndian, NoLimit};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -81,7 +81,9 @@ fn decode_limited<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Resu
     let config: Configuration<LittleEndian, Fixint, Limit<LIMIT>> = base().with_limit::<LIMIT>();
     let (value, read) = bincode::serde::decode_from_slice(bytes, config)?;
     if read != bytes.len() {
-        return Err(CodecError::TrailingBytes { trailing: bytes.len() - read });
+        return Err(CodecError::TrailingBytes {
+            trailing: bytes.len() - read,
+        });
     }
     Ok(value)
 }
@@ -110,6 +112,9 @@ mod tests {
         let mut bytes = encode(&7u8).unwrap();
         bytes.push(0);
         let err = decode::<u8>(&bytes).unwrap_err();
-        assert!(matches!(err, CodecError::TrailingBytes { trailing: 1 }), "{err}");
+        assert!(
+            matches!(err, CodecError::TrailingBytes { trailing: 1 }),
+            "{err}"
+        );
     }
 }

@@ -79,7 +79,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Ok(None);
         };
         if len > self.max_frame {
-            return Err(FrameError::TooLarge { len: u64::from(len), max: self.max_frame });
+            return Err(FrameError::TooLarge {
+                len: u64::from(len),
+                max: self.max_frame,
+            });
         }
 
         let len = len as usize;
@@ -90,7 +93,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let mut read = 0;
         while read < len {
             match self.stream.read(&mut body[read..]).await? {
-                0 => return Err(FrameError::Truncated { read, expected: len }),
+                0 => {
+                    return Err(FrameError::Truncated {
+                        read,
+                        expected: len,
+                    });
+                }
                 n => read += n,
             }
         }
@@ -106,7 +114,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         while read < HEADER_LEN {
             match self.stream.read(&mut header[read..]).await? {
                 0 if read == 0 => return Ok(None),
-                0 => return Err(FrameError::Truncated { read, expected: HEADER_LEN }),
+                0 => {
+                    return Err(FrameError::Truncated {
+                        read,
+                        expected: HEADER_LEN,
+                    });
+                }
                 n => read += n,
             }
         }
@@ -145,7 +158,10 @@ pub fn encode_frame<T: Serialize + ?Sized>(
     let fits = u32::try_from(len).ok().filter(|&len| len <= max_frame);
     let Some(len) = fits else {
         buf.truncate(start);
-        return Err(FrameError::TooLarge { len: len as u64, max: max_frame });
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            max: max_frame,
+        });
     };
     buf[start..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
     Ok(())
@@ -171,8 +187,14 @@ mod tests {
         let sent = [HostMessage::Ping { nonce: 1 }, HostMessage::Shutdown];
         let bytes = frames(&sent);
         let mut reader = FrameReader::new(&bytes[..], DEFAULT_MAX_FRAME);
-        assert_eq!(reader.read::<HostMessage>().await.unwrap(), Some(sent[0].clone()));
-        assert_eq!(reader.read::<HostMessage>().await.unwrap(), Some(sent[1].clone()));
+        assert_eq!(
+            reader.read::<HostMessage>().await.unwrap(),
+            Some(sent[0].clone())
+        );
+        assert_eq!(
+            reader.read::<HostMessage>().await.unwrap(),
+            Some(sent[1].clone())
+        );
         assert!(reader.read::<HostMessage>().await.unwrap().is_none());
     }
 
@@ -197,7 +219,10 @@ mod tests {
         for cut in 1..bytes.len() {
             let mut reader = FrameReader::new(&bytes[..cut], DEFAULT_MAX_FRAME);
             let err = reader.read::<HostMessage>().await.unwrap_err();
-            assert!(matches!(err, FrameError::Truncated { .. }), "cut {cut}: {err}");
+            assert!(
+                matches!(err, FrameError::Truncated { .. }),
+                "cut {cut}: {err}"
+            );
         }
     }
 
@@ -223,7 +248,9 @@ mod tests {
     #[test]
     fn oversized_message_is_refused_when_encoding() {
         let mut buf = vec![1, 2, 3];
-        let big = HostMessage::Reject { reason: "x".repeat(100) };
+        let big = HostMessage::Reject {
+            reason: "x".repeat(100),
+        };
         let err = encode_frame(&big, 50, &mut buf).unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { max: 50, .. }), "{err}");
         assert_eq!(buf, [1, 2, 3], "buffer must be left as it was");

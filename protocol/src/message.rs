@@ -226,7 +226,10 @@ pub enum HandshakeError {
     #[error(
         "plugin speaks protocol {plugin}, supervisor speaks {supervisor}: major versions differ"
     )]
-    IncompatibleProtocol { plugin: ProtocolVersion, supervisor: ProtocolVersion },
+    IncompatibleProtocol {
+        plugin: ProtocolVersion,
+        supervisor: ProtocolVersion,
+    },
     #[error(
         "plugin was built with wire schema {plugin:016x}, supervisor with {supervisor:016x}: \
          rebuild the plugin against the same aurora-protocol"
@@ -283,10 +286,16 @@ mod tests {
     fn every_plugin_message() -> Vec<PluginMessage> {
         vec![
             PluginMessage::Hello(hello()),
-            PluginMessage::Reply(Reply { id: 7, result: Ok(Payload::json(b"\"HI\"".to_vec())) }),
+            PluginMessage::Reply(Reply {
+                id: 7,
+                result: Ok(Payload::json(b"\"HI\"".to_vec())),
+            }),
             PluginMessage::Reply(Reply {
                 id: 8,
-                result: Err(RemoteError { kind: ErrorKind::Panicked, message: "boom".into() }),
+                result: Err(RemoteError {
+                    kind: ErrorKind::Panicked,
+                    message: "boom".into(),
+                }),
             }),
             PluginMessage::Pong { nonce: 9 },
             PluginMessage::Log(LogRecord {
@@ -300,12 +309,20 @@ mod tests {
 
     fn every_host_message() -> Vec<HostMessage> {
         vec![
-            HostMessage::Welcome(Welcome { protocol: PROTOCOL_VERSION, max_frame: 1 << 24 }),
-            HostMessage::Reject { reason: "no".into() },
+            HostMessage::Welcome(Welcome {
+                protocol: PROTOCOL_VERSION,
+                max_frame: 1 << 24,
+            }),
+            HostMessage::Reject {
+                reason: "no".into(),
+            },
             HostMessage::Call(Call {
                 id: 1,
                 method: "upper".into(),
-                payload: Payload { encoding: Encoding::Bincode, bytes: vec![1, 2, 3] },
+                payload: Payload {
+                    encoding: Encoding::Bincode,
+                    bytes: vec![1, 2, 3],
+                },
                 timeout_ms: 5000,
             }),
             HostMessage::Cancel { id: 1 },
@@ -332,7 +349,10 @@ mod tests {
             for message in messages {
                 let bytes = encode(&message).unwrap();
                 for cut in 0..bytes.len() {
-                    assert!(decode::<T>(&bytes[..cut]).is_err(), "prefix {cut} of {bytes:?}");
+                    assert!(
+                        decode::<T>(&bytes[..cut]).is_err(),
+                        "prefix {cut} of {bytes:?}"
+                    );
                 }
             }
         }
@@ -387,7 +407,10 @@ mod tests {
 
         let reply = encode(&PluginMessage::Reply(Reply {
             id: 5,
-            result: Err(RemoteError { kind: ErrorKind::Failed, message: "x".into() }),
+            result: Err(RemoteError {
+                kind: ErrorKind::Failed,
+                message: "x".into(),
+            }),
         }))
         .unwrap();
         #[rustfmt::skip]

@@ -29,7 +29,12 @@ pub struct Payload {
 impl std::fmt::Debug for Payload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Bodies can be megabytes; print the shape, not the contents.
-        write!(f, "Payload({:?}, {} bytes)", self.encoding, self.bytes.len())
+        write!(
+            f,
+            "Payload({:?}, {} bytes)",
+            self.encoding,
+            self.bytes.len()
+        )
     }
 }
 
@@ -45,7 +50,10 @@ pub enum PayloadError {
 impl Payload {
     /// Wraps bytes that are already JSON text.
     pub fn json(bytes: Vec<u8>) -> Payload {
-        Payload { encoding: Encoding::Json, bytes }
+        Payload {
+            encoding: Encoding::Json,
+            bytes,
+        }
     }
 
     /// Encodes `value` in `encoding`.
@@ -88,7 +96,10 @@ mod tests {
         for encoding in [Encoding::Bincode, Encoding::Json] {
             let payload = Payload::encode(encoding, &("hi", 3u32)).unwrap();
             assert_eq!(payload.encoding, encoding);
-            assert_eq!(payload.decode::<(String, u32)>().unwrap(), ("hi".to_owned(), 3));
+            assert_eq!(
+                payload.decode::<(String, u32)>().unwrap(),
+                ("hi".to_owned(), 3)
+            );
         }
     }
 
