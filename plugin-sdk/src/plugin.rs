@@ -79,12 +79,15 @@ impl From<Cancelled> for RemoteError {
 pub(crate) type HandlerResult = Result<Payload, RemoteError>;
 pub(crate) type LocalFuture = Pin<Box<dyn Future<Output = HandlerResult>>>;
 
+type SyncHandler = dyn Fn(&Context, &Payload) -> HandlerResult;
+type AsyncHandler = dyn Fn(Context, &Payload) -> LocalFuture;
+
 /// A registered method, with its types erased.
 pub(crate) enum Handler {
     /// Runs to completion on the plugin's thread as soon as the call arrives.
-    Sync(Box<dyn Fn(&Context, &Payload) -> HandlerResult>),
+    Sync(Box<SyncHandler>),
     /// Runs as its own task, so other calls proceed while it waits.
-    Async(Rc<dyn Fn(Context, &Payload) -> LocalFuture>),
+    Async(Rc<AsyncHandler>),
 }
 
 /// A plugin under construction: register methods, then [`Plugin::run`].
