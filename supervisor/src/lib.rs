@@ -1,1 +1,43 @@
+//! Aurora's supervisor: run plugins as child processes and call them over a
+//! socket, surviving whatever they do.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use aurora_supervisor::{PluginSpec, Supervisor};
+//!
+//! let supervisor = Supervisor::new();
+//! supervisor.add(PluginSpec::new("echo", "/usr/lib/aurora/aurora-plugin-echo"))?;
+//! let loud: String = supervisor.call("echo", "upper", "hello").await?;
+//! assert_eq!(loud, "HELLO");
+//! supervisor.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Layout:
+//! - [`Supervisor`] (`supervisor.rs`): the set of plugins and the public API;
+//! - `plugin.rs`: one task per plugin, owning its process, with an explicit
+//!   state machine, restarts and health checks;
+//! - `connection.rs`: the handshake, the batched writer, the reader that
+//!   routes replies, and the table of calls in flight;
+//! - `spawn.rs`: process creation (socket, process group, death signal) and
+//!   output capture;
+//! - `backoff.rs`: restart delays and the restart budget;
+//! - [`config`]: the TOML config the `aurora` binary reads.
 
+mod backoff;
+pub mod config;
+mod connection;
+mod error;
+mod event;
+mod plugin;
+mod spawn;
+mod spec;
+mod supervisor;
+
+pub use aurora_protocol::{Encoding, ErrorKind, Payload};
+pub use error::{CallError, Crash, ExitReason, SupervisorError};
+pub use event::{Event, EventKind};
+pub use plugin::{PluginState, PluginStatus};
+pub use spec::{PluginSpec, RestartMode, RestartPolicy};
+pub use supervisor::Supervisor;

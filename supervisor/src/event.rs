@@ -1,0 +1,33 @@
+//! Lifecycle events, for hosts that want to watch their plugins.
+
+use std::time::Duration;
+
+use crate::error::{Crash, ExitReason};
+
+/// Something that happened to a plugin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub plugin: String,
+    pub kind: EventKind,
+}
+
+/// The kinds of [`Event`], in the order a plugin's life usually produces them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    /// A process was started; `generation` counts starts from 1.
+    Spawned { pid: u32, generation: u64 },
+    /// The handshake succeeded and calls are being routed to the process.
+    Ready { pid: u32, version: String },
+    /// The process stopped answering (a ping or a cancelled call) and is
+    /// being killed.
+    Unresponsive { pid: u32, reason: String },
+    /// The process went away without being asked to, or could not be
+    /// started (`pid` is then `None`).
+    Crashed { pid: Option<u32>, crash: Crash },
+    /// A restart is scheduled after `delay`.
+    BackingOff { delay: Duration, restarts: u32 },
+    /// No more restarts: calls fail fast until an explicit restart.
+    Failed { reason: String },
+    /// The plugin was stopped on request, and its process reaped.
+    Stopped { exit: Option<ExitReason> },
+}

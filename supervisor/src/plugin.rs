@@ -1,0 +1,795 @@
+//! One plugin's life: a task that owns its process and its connection, and a
+//! handle that callers use to reach it.
+//!
+//! The task runs an explicit state machine:
+//!
+//! ```text
+//!            +----------------------------------------------+
+//!            v                                              |
+//! Starting --ok--> Ready --crash/hang--> Stopping --> BackingOff
+//!    |                |                      |
+//!    |             stop request            budget spent / policy says no
+//!    |                v                      v
+//!    +--fail--> (as a crash)    Stopped    Failed
+//! ```
+//!
+//! Callers never touch the process. They read the published [`Status`] to
+//! find the live connection, wait while the plugin is starting or backing
+//! off, and fail fast when it is failed or stopped. Commands arrive as
+//! [`Control`] messages; closing the control channel stops the plugin.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use aurora_protocol::{HostMessage, MethodInfo, Payload};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::Child;
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::backoff::{Backoff, Decision};
+use crate::connection::{Connection, ConnectionTasks, Outcome};
+use crate::error::{CallError, Crash, ExitReason};
+use crate::event::{Event, EventKind};
+use crate::spawn::{StderrTail, spawn_plugin};
+use crate::spec::{PluginSpec, RestartMode};
+
+/// How long a process that closed its socket has to exit on its own before
+/// it is killed.
+const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(1);
+
+/// How long to wait for the last of a dead plugin's output to be read.
+const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
+
+/// Where a plugin is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginState {
+    /// A process is being spawned and handshaken. Calls wait.
+    Starting,
+    /// Calls are being served.
+    Ready,
+    /// The process is being stopped or cleaned up after a crash. Calls wait
+    /// for what comes next.
+    Stopping,
+    /// A restart is scheduled. Calls wait.
+    BackingOff { delay: Duration },
+    /// Restarts were given up; calls fail fast with the reason.
+    Failed { reason: String },
+    /// Stopped on request or by its restart policy; calls fail fast.
+    Stopped,
+}
+
+impl PluginState {
+    /// The state's name as it appears in status output.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PluginState::Starting => "starting",
+            PluginState::Ready => "ready",
+            PluginState::Stopping => "stopping",
+            PluginState::BackingOff { .. } => "backing-off",
+            PluginState::Failed { .. } => "failed",
+            PluginState::Stopped => "stopped",
+        }
+    }
+}
+
+/// What the plugin task publishes after every change.
+#[derive(Clone)]
+pub(crate) struct Status {
+    pub(crate) state: PluginState,
+    /// Present exactly when `state` is `Ready`.
+    pub(crate) connection: Option<Arc<Connection>>,
+    pub(crate) pid: Option<u32>,
+    /// How many processes have been started.
+    pub(crate) generation: u64,
+    pub(crate) started_at: Option<std::time::Instant>,
+}
+
+/// A snapshot of one plugin, for status displays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginStatus {
+    pub name: String,
+    pub state: PluginState,
+    pub pid: Option<u32>,
+    /// The version the running process reported in its hello.
+    pub version: Option<String>,
+    pub methods: Vec<MethodInfo>,
+    /// Processes started so far; restarts are this minus one.
+    pub generation: u64,
+    pub uptime: Option<Duration>,
+}
+
+/// Requests to the plugin task.
+pub(crate) enum Control {
+    /// Stop the process gracefully and stay stopped.
+    Stop { done: oneshot::Sender<()> },
+    /// Stop the process if running, forget past failures, start afresh.
+    Restart { done: oneshot::Sender<()> },
+}
+
+/// The caller's side of a plugin.
+pub(crate) struct PluginHandle {
+    spec: Arc<PluginSpec>,
+    status: watch::Receiver<Status>,
+    control: mpsc::UnboundedSender<Control>,
+    permits: Semaphore,
+    /// The running process group, 0 when none: lets `kill_now` act without
+    /// the task, for drops that cannot wait.
+    group: Arc<AtomicI32>,
+    task: JoinHandle<()>,
+}
+
+impl PluginHandle {
+    /// Starts the plugin's task, which spawns the process at once.
+    pub(crate) fn start(spec: PluginSpec, events: broadcast::Sender<Event>) -> PluginHandle {
+        let spec = Arc::new(spec);
+        let (status_tx, status) = watch::channel(Status {
+            state: PluginState::Starting,
+            connection: None,
+            pid: None,
+            generation: 0,
+            started_at: None,
+        });
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let group = Arc::new(AtomicI32::new(0));
+        let task = PluginTask {
+            spec: Arc::clone(&spec),
+            status: status_tx,
+            control: control_rx,
+            events,
+            group: Arc::clone(&group),
+            backoff: Backoff::new(spec.restart.clone()),
+        };
+        let span = tracing::info_span!("plugin", name = %spec.name);
+        let task = tokio::spawn(task.run().instrument(span));
+        let permits = Semaphore::new(spec.max_concurrent_calls.max(1));
+        PluginHandle {
+            spec,
+            status,
+            control,
+            permits,
+            group,
+            task,
+        }
+    }
+
+    pub(crate) fn spec(&self) -> &PluginSpec {
+        &self.spec
+    }
+
+    pub(crate) fn snapshot(&self) -> PluginStatus {
+        let status = self.status.borrow();
+        let hello = status.connection.as_ref().map(|c| c.hello());
+        PluginStatus {
+            name: self.spec.name.clone(),
+            state: status.state.clone(),
+            pid: status.pid,
+            version: hello.map(|h| h.version.clone()),
+            methods: hello.map(|h| h.methods.clone()).unwrap_or_default(),
+            generation: status.generation,
+            uptime: status.started_at.map(|t| t.elapsed()),
+        }
+    }
+
+    /// Waits until the plugin is ready, failed or stopped, or `deadline`.
+    pub(crate) async fn settled(&self, deadline: Instant) -> Result<(), String> {
+        let mut status = self.status.clone();
+        let settled = status.wait_for(|s| {
+            matches!(
+                s.state,
+                PluginState::Ready | PluginState::Failed { .. } | PluginState::Stopped
+            )
+        });
+        match tokio::time::timeout_at(deadline, settled).await {
+            Ok(Ok(status)) => match &status.state {
+                PluginState::Ready => Ok(()),
+                PluginState::Failed { reason } => Err(reason.clone()),
+                other => Err(format!("it is {}", other.name())),
+            },
+            Ok(Err(_)) => Err("its task has ended".to_owned()),
+            Err(_) => Err(format!("it is still {}", self.status.borrow().state.name())),
+        }
+    }
+
+    /// Asks the task to do something and waits until it has.
+    pub(crate) async fn command(&self, make: impl FnOnce(oneshot::Sender<()>) -> Control) {
+        let (done, finished) = oneshot::channel();
+        if self.control.send(make(done)).is_ok() {
+            let _ = finished.await;
+        }
+    }
+
+    /// Kills the process group at once, without waiting, for drops.
+    pub(crate) fn kill_now(&self) {
+        let group = self.group.load(Ordering::Acquire);
+        if group > 0 {
+            let _ = killpg(Pid::from_raw(group), Signal::SIGKILL);
+        }
+        self.task.abort();
+    }
+
+    /// Runs one call, waiting for the plugin to be ready if need be.
+    pub(crate) async fn call(
+        &self,
+        method: &str,
+        payload: Payload,
+        timeout: Option<Duration>,
+    ) -> Result<Payload, CallError> {
+        let plugin = &self.spec.name;
+        let timeout = timeout.unwrap_or(self.spec.call_timeout);
+        let deadline = Instant::now() + timeout;
+        let timed_out = || CallError::Timeout {
+            plugin: plugin.clone(),
+            method: method.to_owned(),
+            after: timeout,
+        };
+
+        let permit = tokio::time::timeout_at(deadline, self.permits.acquire()).await;
+        let _permit = permit
+            .map_err(|_| timed_out())?
+            .expect("the semaphore is never closed");
+
+        let mut payload = payload;
+        let (connection, id, outcome) = loop {
+            let connection = self.ready_connection(method, deadline, timed_out).await?;
+            if !connection.serves(method) {
+                return Err(CallError::UnknownMethod {
+                    plugin: plugin.clone(),
+                    method: method.to_owned(),
+                    available: connection.method_list(),
+                });
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match connection.start_call(method, payload, remaining) {
+                Ok((id, outcome)) => break (connection, id, outcome),
+                Err(Ok(returned)) => {
+                    // Closed between our look and our call: wait for the
+                    // status to move on from this connection.
+                    payload = returned;
+                    self.wait_for_change(&connection, deadline)
+                        .await
+                        .map_err(|_| timed_out())?;
+                }
+                Err(Err(source)) => {
+                    return Err(CallError::RequestTooLarge {
+                        plugin: plugin.clone(),
+                        method: method.to_owned(),
+                        source,
+                    });
+                }
+            }
+        };
+
+        match tokio::time::timeout_at(deadline, outcome).await {
+            Ok(Ok(Outcome::Replied(Ok(payload)))) => Ok(payload),
+            Ok(Ok(Outcome::Replied(Err(remote)))) => Err(CallError::Remote {
+                plugin: plugin.clone(),
+                method: method.to_owned(),
+                kind: remote.kind,
+                message: remote.message,
+            }),
+            Ok(Ok(Outcome::Lost(crash))) => Err(CallError::PluginCrashed {
+                plugin: plugin.clone(),
+                method: method.to_owned(),
+                crash,
+            }),
+            Ok(Err(_)) => unreachable!("a connection completes or fails every call it accepted"),
+            Err(_) => {
+                connection.abandon(id, method, self.spec.cancel_grace);
+                Err(timed_out())
+            }
+        }
+    }
+
+    async fn ready_connection(
+        &self,
+        method: &str,
+        deadline: Instant,
+        timed_out: impl Fn() -> CallError,
+    ) -> Result<Arc<Connection>, CallError> {
+        let plugin = &self.spec.name;
+        let mut status = self.status.clone();
+        loop {
+            {
+                let current = status.borrow_and_update();
+                match &current.state {
+                    PluginState::Ready => {
+                        if let Some(connection) = &current.connection {
+                            return Ok(Arc::clone(connection));
+                        }
+                    }
+                    PluginState::Failed { reason } => {
+                        return Err(CallError::PluginFailed {
+                            plugin: plugin.clone(),
+                            reason: reason.clone(),
+                        });
+                    }
+                    PluginState::Stopped => {
+                        return Err(CallError::PluginStopped {
+                            plugin: plugin.clone(),
+                        });
+                    }
+                    PluginState::Starting
+                    | PluginState::Stopping
+                    | PluginState::BackingOff { .. } => {}
+                }
+            }
+            tracing::trace!(method, "waiting for the plugin to be ready");
+            match tokio::time::timeout_at(deadline, status.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    return Err(CallError::PluginStopped {
+                        plugin: plugin.clone(),
+                    });
+                }
+                Err(_) => return Err(timed_out()),
+            }
+        }
+    }
+
+    async fn wait_for_change(&self, seen: &Arc<Connection>, deadline: Instant) -> Result<(), ()> {
+        let mut status = self.status.clone();
+        let moved_on = status.wait_for(|s| match &s.connection {
+            Some(connection) => !Arc::ptr_eq(connection, seen),
+            None => true,
+        });
+        match tokio::time::timeout_at(deadline, moved_on).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(()),
+        }
+    }
+}
+
+/// A running process and everything tied to it.
+struct Running {
+    child: Child,
+    pid: u32,
+    connection: Arc<Connection>,
+    tasks: ConnectionTasks,
+    stderr_tail: StderrTail,
+    output: Vec<JoinHandle<()>>,
+    started_at: Instant,
+}
+
+/// How a running process came to an end.
+enum Ended {
+    /// It died, or was killed for hanging; `pid` is `None` when no process
+    /// was started at all.
+    Crashed {
+        pid: Option<u32>,
+        crash: Crash,
+        uptime: Duration,
+    },
+    /// A `Stop` was served.
+    Stopped { done: oneshot::Sender<()> },
+    /// A `Restart` was served.
+    Restarted { done: oneshot::Sender<()> },
+    /// The handle went away; the process has been stopped.
+    Abandoned,
+}
+
+/// How to get an exit status from a process that is going away.
+enum Reap {
+    /// Already reaped, with this status (if waiting worked).
+    Exited(Option<ExitReason>),
+    /// Its socket closed: give it a moment to exit on its own.
+    WaitThenKill,
+    /// It is stuck or broken: kill it.
+    KillNow,
+}
+
+/// What to do after a stretch of being down.
+enum Next {
+    Start,
+    Exit,
+}
+
+struct PluginTask {
+    spec: Arc<PluginSpec>,
+    status: watch::Sender<Status>,
+    control: mpsc::UnboundedReceiver<Control>,
+    events: broadcast::Sender<Event>,
+    group: Arc<AtomicI32>,
+    backoff: Backoff,
+}
+
+impl PluginTask {
+    async fn run(mut self) {
+        loop {
+            let ended = match self.start().await {
+                Ok(running) => self.serve(running).await,
+                Err((pid, crash)) => Ended::Crashed {
+                    pid,
+                    crash,
+                    uptime: Duration::ZERO,
+                },
+            };
+            let next = match ended {
+                Ended::Crashed { pid, crash, uptime } => self.after_crash(pid, crash, uptime).await,
+                Ended::Stopped { done } => {
+                    let _ = done.send(());
+                    self.stay_down(PluginState::Stopped).await
+                }
+                Ended::Restarted { done } => {
+                    self.backoff.reset();
+                    let _ = done.send(());
+                    Next::Start
+                }
+                Ended::Abandoned => Next::Exit,
+            };
+            if let Next::Exit = next {
+                return;
+            }
+        }
+    }
+
+    fn publish(&self, state: PluginState, running: Option<&Running>) {
+        self.status.send_modify(|status| {
+            status.connection = match (&state, running) {
+                (PluginState::Ready, Some(running)) => Some(Arc::clone(&running.connection)),
+                _ => None,
+            };
+            status.pid = running.map(|r| r.pid);
+            status.started_at = running.map(|r| r.started_at.into_std());
+            status.state = state;
+        });
+    }
+
+    fn emit(&self, kind: EventKind) {
+        // No receivers is normal: nobody has subscribed.
+        let _ = self.events.send(Event {
+            plugin: self.spec.name.clone(),
+            kind,
+        });
+    }
+
+    /// Spawns a process and completes the handshake.
+    async fn start(&mut self) -> Result<Running, (Option<u32>, Crash)> {
+        self.publish(PluginState::Starting, None);
+        let generation = self.status.borrow().generation + 1;
+        self.status.send_modify(|s| s.generation = generation);
+
+        let spawned = spawn_plugin(&self.spec).await.map_err(|err| {
+            let crash = Crash {
+                cause: err.to_string(),
+                exit: None,
+                stderr_tail: Vec::new(),
+            };
+            (None, crash)
+        })?;
+        let pid = spawned.pid;
+        self.group.store(pid as i32, Ordering::Release);
+        tracing::info!(pid, generation, "plugin process started");
+        self.emit(EventKind::Spawned { pid, generation });
+
+        let handshake = tokio::time::timeout(
+            self.spec.handshake_timeout,
+            Connection::handshake(spawned.channel, self.spec.max_frame),
+        );
+        let failure = match handshake.await {
+            Ok(Ok(established)) => Ok(established),
+            Ok(Err(failure)) => Err(failure.to_string()),
+            Err(_) => Err(format!(
+                "no handshake within {}",
+                humantime::format_duration(self.spec.handshake_timeout)
+            )),
+        };
+        let (connection, tasks) = match failure {
+            Ok(established) => established,
+            Err(cause) => {
+                tracing::warn!(pid, %cause, "plugin failed to start");
+                let crash = self.reap_failed_start(spawned.child, spawned.stderr_tail, cause);
+                return Err((Some(pid), crash.await));
+            }
+        };
+
+        let version = connection.hello().version.clone();
+        let running = Running {
+            child: spawned.child,
+            pid,
+            connection,
+            tasks,
+            stderr_tail: spawned.stderr_tail,
+            output: spawned.output,
+            started_at: Instant::now(),
+        };
+        self.publish(PluginState::Ready, Some(&running));
+        tracing::info!(pid, %version, "plugin ready");
+        self.emit(EventKind::Ready { pid, version });
+        Ok(running)
+    }
+
+    async fn reap_failed_start(&self, mut child: Child, tail: StderrTail, cause: String) -> Crash {
+        let exit = match tokio::time::timeout(EXIT_AFTER_CLOSE, child.wait()).await {
+            Ok(Ok(status)) => Some(ExitReason::from_status(status)),
+            _ => self.kill_and_reap(&mut child).await,
+        };
+        self.kill_group_leftovers();
+        Crash {
+            cause,
+            exit,
+            stderr_tail: snapshot(&tail),
+        }
+    }
+
+    /// Serves the running process until it ends or is told to stop.
+    async fn serve(&mut self, mut running: Running) -> Ended {
+        let mut health = self.spec.health_interval.map(|period| {
+            let mut interval = tokio::time::interval_at(Instant::now() + period, period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        });
+        let mut ping: Option<(u64, Instant)> = None;
+        let mut nonce = 0u64;
+
+        loop {
+            let ping_deadline = ping.map(|(_, deadline)| deadline);
+            tokio::select! {
+                status = running.child.wait() => {
+                    let exit = status.ok().map(ExitReason::from_status);
+                    return self.crashed(running, "process exited".to_owned(), Reap::Exited(exit)).await;
+                }
+                cause = &mut running.tasks.closed => {
+                    let cause = cause.unwrap_or_else(|_| "connection reader stopped".to_owned());
+                    return self.crashed(running, cause, Reap::WaitThenKill).await;
+                }
+                Some(reason) = running.tasks.stuck.recv() => {
+                    return self.unresponsive(running, reason).await;
+                }
+                _ = tick(&mut health) => {
+                    if ping.is_none() {
+                        nonce += 1;
+                        running.connection.send(HostMessage::Ping { nonce });
+                        ping = Some((nonce, Instant::now() + self.spec.health_timeout));
+                    }
+                }
+                Ok(()) = running.tasks.pongs.changed() => {
+                    let answered = *running.tasks.pongs.borrow_and_update();
+                    if ping.is_some_and(|(sent, _)| answered >= sent) {
+                        ping = None;
+                    }
+                }
+                _ = sleep_until(ping_deadline), if ping_deadline.is_some() => {
+                    let reason = format!(
+                        "no answer to a ping within {}",
+                        humantime::format_duration(self.spec.health_timeout)
+                    );
+                    return self.unresponsive(running, reason).await;
+                }
+                control = self.control.recv() => {
+                    self.stop_gracefully(running).await;
+                    return match control {
+                        Some(Control::Stop { done }) => Ended::Stopped { done },
+                        Some(Control::Restart { done }) => Ended::Restarted { done },
+                        None => Ended::Abandoned,
+                    };
+                }
+            }
+        }
+    }
+
+    /// The plugin stopped answering: kill it and report it as a crash.
+    async fn unresponsive(&mut self, running: Running, reason: String) -> Ended {
+        tracing::warn!(pid = running.pid, %reason, "plugin unresponsive; killing it");
+        self.emit(EventKind::Unresponsive {
+            pid: running.pid,
+            reason: reason.clone(),
+        });
+        self.crashed(running, reason, Reap::KillNow).await
+    }
+
+    /// Cleans up after a process that died or must die, and describes it.
+    async fn crashed(&mut self, mut running: Running, cause: String, reap: Reap) -> Ended {
+        running.connection.stop_accepting();
+        self.publish(PluginState::Stopping, None);
+
+        let exit = match reap {
+            Reap::Exited(exit) => exit,
+            Reap::WaitThenKill => {
+                match tokio::time::timeout(EXIT_AFTER_CLOSE, running.child.wait()).await {
+                    Ok(Ok(status)) => Some(ExitReason::from_status(status)),
+                    _ => self.kill_and_reap(&mut running.child).await,
+                }
+            }
+            Reap::KillNow => self.kill_and_reap(&mut running.child).await,
+        };
+        let pid = running.pid;
+        let (crash, uptime) = self.finish(running, cause, exit).await;
+        tracing::warn!(pid, %crash, "plugin went away");
+        Ended::Crashed {
+            pid: Some(pid),
+            crash,
+            uptime,
+        }
+    }
+
+    /// Stops a healthy process: `Shutdown`, then SIGTERM, then SIGKILL, each
+    /// after `stop_timeout`.
+    async fn stop_gracefully(&mut self, mut running: Running) -> Option<ExitReason> {
+        running.connection.stop_accepting();
+        self.publish(PluginState::Stopping, None);
+        tracing::info!(pid = running.pid, "stopping plugin");
+
+        running.connection.send(HostMessage::Shutdown);
+        let patience = self.spec.stop_timeout;
+        let mut exit = match tokio::time::timeout(patience, running.child.wait()).await {
+            Ok(Ok(status)) => Some(ExitReason::from_status(status)),
+            _ => None,
+        };
+        if exit.is_none() {
+            tracing::info!(
+                pid = running.pid,
+                "plugin ignored shutdown; sending SIGTERM"
+            );
+            let _ = killpg(Pid::from_raw(running.pid as i32), Signal::SIGTERM);
+            exit = match tokio::time::timeout(patience, running.child.wait()).await {
+                Ok(Ok(status)) => Some(ExitReason::from_status(status)),
+                _ => None,
+            };
+        }
+        if exit.is_none() {
+            tracing::warn!(pid = running.pid, "plugin ignored SIGTERM; killing it");
+            exit = self.kill_and_reap(&mut running.child).await;
+        }
+
+        self.finish(running, "plugin stopped".to_owned(), exit)
+            .await;
+        self.emit(EventKind::Stopped { exit });
+        exit
+    }
+
+    /// The common end of every process: leftovers killed, output drained,
+    /// waiting calls failed with the full story.
+    async fn finish(
+        &mut self,
+        running: Running,
+        cause: String,
+        exit: Option<ExitReason>,
+    ) -> (Crash, Duration) {
+        self.kill_group_leftovers();
+        let drained = async {
+            for output in running.output {
+                let _ = output.await;
+            }
+        };
+        let _ = tokio::time::timeout(OUTPUT_DRAIN, drained).await;
+        running.tasks.abort();
+
+        let crash = Crash {
+            cause,
+            exit,
+            stderr_tail: snapshot(&running.stderr_tail),
+        };
+        running.connection.close(&crash);
+        (crash, running.started_at.elapsed())
+    }
+
+    async fn kill_and_reap(&self, child: &mut Child) -> Option<ExitReason> {
+        if let Some(pid) = child.id() {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        let _ = child.start_kill();
+        child.wait().await.ok().map(ExitReason::from_status)
+    }
+
+    /// Kills whatever is left in the plugin's process group (grandchildren it
+    /// started) and forgets the group.
+    fn kill_group_leftovers(&self) {
+        let group = self.group.swap(0, Ordering::AcqRel);
+        if group > 0 {
+            // ESRCH, the usual answer, means the group is already empty.
+            let _ = killpg(Pid::from_raw(group), Signal::SIGKILL);
+        }
+    }
+
+    /// Applies the restart policy after a crash.
+    async fn after_crash(&mut self, pid: Option<u32>, crash: Crash, uptime: Duration) -> Next {
+        self.emit(EventKind::Crashed {
+            pid,
+            crash: crash.clone(),
+        });
+
+        let clean = crash.exit.is_some_and(ExitReason::is_clean);
+        let restart = match self.spec.restart.mode {
+            RestartMode::Never => false,
+            RestartMode::OnFailure => !clean,
+            RestartMode::Always => true,
+        };
+        if !restart {
+            let state = if clean {
+                PluginState::Stopped
+            } else {
+                PluginState::Failed {
+                    reason: format!("{crash}; restart policy is never"),
+                }
+            };
+            return self.stay_down(state).await;
+        }
+
+        match self
+            .backoff
+            .next(std::time::Instant::now(), uptime, fastrand::f64())
+        {
+            Decision::RestartAfter(delay) => self.back_off(delay).await,
+            Decision::GiveUp { restarts, window } => {
+                let reason = format!(
+                    "restarted {restarts} times within {}; last failure: {crash}",
+                    humantime::format_duration(window)
+                );
+                tracing::error!(%reason, "plugin failed");
+                self.stay_down(PluginState::Failed { reason }).await
+            }
+        }
+    }
+
+    async fn back_off(&mut self, delay: Duration) -> Next {
+        let restarts = self.status.borrow().generation as u32;
+        tracing::info!(delay = %humantime::format_duration(delay), "restarting plugin after a delay");
+        self.publish(PluginState::BackingOff { delay }, None);
+        self.emit(EventKind::BackingOff { delay, restarts });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => Next::Start,
+            control = self.control.recv() => match control {
+                Some(Control::Stop { done }) => {
+                    let _ = done.send(());
+                    self.stay_down(PluginState::Stopped).await
+                }
+                Some(Control::Restart { done }) => {
+                    self.backoff.reset();
+                    let _ = done.send(());
+                    Next::Start
+                }
+                None => Next::Exit,
+            },
+        }
+    }
+
+    /// Waits, with no process, for a restart request or the end.
+    async fn stay_down(&mut self, state: PluginState) -> Next {
+        match &state {
+            PluginState::Failed { reason } => self.emit(EventKind::Failed {
+                reason: reason.clone(),
+            }),
+            _ => self.emit(EventKind::Stopped { exit: None }),
+        }
+        self.publish(state, None);
+        loop {
+            match self.control.recv().await {
+                Some(Control::Stop { done }) => {
+                    let _ = done.send(());
+                }
+                Some(Control::Restart { done }) => {
+                    self.backoff.reset();
+                    let _ = done.send(());
+                    return Next::Start;
+                }
+                None => return Next::Exit,
+            }
+        }
+    }
+}
+
+fn snapshot(tail: &StderrTail) -> Vec<String> {
+    let tail = tail.lock().unwrap_or_else(|poison| poison.into_inner());
+    tail.iter().cloned().collect()
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

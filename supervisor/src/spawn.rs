@@ -1,0 +1,260 @@
+//! Starting a plugin process: the socket it inherits, the process group it
+//! leads, the death signal that ties it to the supervisor, and the capture of
+//! its stdout and stderr.
+//!
+//! # Why one spawner thread
+//!
+//! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits,
+//! not the process. Tokio's worker and blocking-pool threads come and go, so
+//! a plugin spawned from one of them could be killed when that thread is
+//! retired. Every spawn therefore happens on a single thread that lives as
+//! long as the process.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use aurora_protocol::{CHANNEL_FD, CHANNEL_FD_ENV, LOG_LEVEL_ENV};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::spec::PluginSpec;
+
+/// How many stderr lines are kept for crash reports.
+pub(crate) const STDERR_TAIL_LINES: usize = 20;
+
+/// Output lines longer than this are cut, so a plugin that writes without
+/// newlines cannot grow the supervisor's memory.
+const MAX_LINE: usize = 4096;
+
+/// The last lines a plugin wrote to stderr.
+pub(crate) type StderrTail = Arc<Mutex<VecDeque<String>>>;
+
+/// A freshly started plugin process.
+pub(crate) struct Spawned {
+    pub(crate) child: Child,
+    pub(crate) pid: u32,
+    /// The supervisor's end of the plugin's socket.
+    pub(crate) channel: UnixStream,
+    pub(crate) stderr_tail: StderrTail,
+    /// The tasks copying stdout and stderr into the log; they end when the
+    /// plugin (and anything it started that shares the pipes) is gone.
+    pub(crate) output: Vec<JoinHandle<()>>,
+}
+
+/// Why a plugin process could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start {command}: {source}")]
+pub(crate) struct SpawnError {
+    command: String,
+    source: io::Error,
+}
+
+/// Starts the process `spec` describes, with its socket at
+/// [`CHANNEL_FD`].
+pub(crate) async fn spawn_plugin(spec: &PluginSpec) -> Result<Spawned, SpawnError> {
+    let spawn_error = |source| SpawnError {
+        command: spec.command.display().to_string(),
+        source,
+    };
+
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_error)?;
+    let command = build_command(spec, theirs.as_raw_fd());
+    let mut child = spawn_on_spawner_thread(command)
+        .await
+        .map_err(spawn_error)?;
+    // The child has its own copy now; ours must go, or the supervisor would
+    // never see end-of-file when the plugin dies.
+    drop(theirs);
+
+    let pid = child.id().unwrap_or_default();
+    ours.set_nonblocking(true).map_err(spawn_error)?;
+    let channel = UnixStream::from_std(ours).map_err(spawn_error)?;
+
+    let stderr_tail: StderrTail = Arc::default();
+    let mut output = Vec::with_capacity(2);
+    if let Some(stdout) = child.stdout.take() {
+        output.push(tokio::spawn(
+            forward_lines(stdout, "stdout", None).in_current_span(),
+        ));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        let tail = Some(Arc::clone(&stderr_tail));
+        output.push(tokio::spawn(
+            forward_lines(stderr, "stderr", tail).in_current_span(),
+        ));
+    }
+    Ok(Spawned {
+        child,
+        pid,
+        channel,
+        stderr_tail,
+        output,
+    })
+}
+
+fn build_command(spec: &PluginSpec, channel_fd: i32) -> Command {
+    let mut command = Command::new(&spec.command);
+    command
+        .args(&spec.args)
+        .envs(&spec.env)
+        .env(CHANNEL_FD_ENV, CHANNEL_FD.to_string())
+        .env(LOG_LEVEL_ENV, &spec.log_level)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(cwd) = &spec.cwd {
+        command.current_dir(cwd);
+    }
+
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe functions may be called. It calls prctl, getppid,
+    // dup2 and fcntl, all of which are, and it allocates nothing: its errors
+    // are built from raw OS error numbers.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The supervisor may have died between fork and prctl, in which
+            // case no death signal will ever come.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            // dup2 gives the copy no close-on-exec flag; when the socket is
+            // already at the right number, clear the flag instead.
+            let placed = if channel_fd == CHANNEL_FD {
+                libc::fcntl(CHANNEL_FD, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(channel_fd, CHANNEL_FD)
+            };
+            if placed < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
+/// Runs `command.spawn()` on the process-wide spawner thread.
+async fn spawn_on_spawner_thread(mut command: Command) -> io::Result<Child> {
+    static SPAWNER: OnceLock<mpsc::Sender<SpawnJob>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (jobs, queue) = mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("aurora-spawner".into())
+            .spawn(move || {
+                for job in queue {
+                    job();
+                }
+            })
+            .expect("the spawner thread is created once, at the first spawn");
+        jobs
+    });
+
+    let runtime = tokio::runtime::Handle::current();
+    let (done, spawned) = oneshot::channel();
+    let job = Box::new(move || {
+        // Tokio registers the child with the runtime's SIGCHLD handling.
+        let _runtime = runtime.enter();
+        let _ = done.send(command.spawn());
+    });
+    spawner
+        .send(job)
+        .map_err(|_| io::Error::other("the spawner thread has stopped"))?;
+    spawned
+        .await
+        .map_err(|_| io::Error::other("the spawner thread dropped a spawn request"))?
+}
+
+/// Copies a plugin's output into the log a line at a time, keeping the last
+/// lines in `tail` when given one.
+async fn forward_lines(
+    stream: impl AsyncRead + Unpin,
+    name: &'static str,
+    tail: Option<StderrTail>,
+) {
+    let mut reader = BufReader::with_capacity(MAX_LINE, stream);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        match read_line_bounded(&mut reader, &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        tracing::info!(stream = name, "{text}");
+        if let Some(tail) = &tail {
+            let mut tail = tail.lock().unwrap_or_else(|poison| poison.into_inner());
+            if tail.len() == STDERR_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(text.to_owned());
+        }
+    }
+}
+
+/// Reads up to and including the next newline into `line`, keeping at most
+/// [`MAX_LINE`] bytes of it. Returns how many bytes were consumed.
+async fn read_line_bounded(
+    reader: &mut BufReader<impl AsyncRead + Unpin>,
+    line: &mut Vec<u8>,
+) -> io::Result<usize> {
+    let mut consumed = 0;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(consumed);
+        }
+        let (chunk, found_newline) = match available.iter().position(|&b| b == b'\n') {
+            Some(end) => (&available[..=end], true),
+            None => (available, false),
+        };
+        let room = MAX_LINE.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = chunk.len();
+        reader.consume(used);
+        consumed += used;
+        if found_newline {
+            return Ok(consumed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn long_lines_are_cut_and_the_rest_still_read() {
+        let mut input = vec![b'x'; MAX_LINE * 3];
+        input.extend_from_slice(b"\nshort\n");
+        let mut reader = BufReader::new(&input[..]);
+        let mut line = Vec::new();
+
+        let consumed = read_line_bounded(&mut reader, &mut line).await.unwrap();
+        assert_eq!(consumed, MAX_LINE * 3 + 1);
+        assert_eq!(line.len(), MAX_LINE);
+
+        line.clear();
+        read_line_bounded(&mut reader, &mut line).await.unwrap();
+        assert_eq!(line, b"short\n");
+
+        line.clear();
+        assert_eq!(read_line_bounded(&mut reader, &mut line).await.unwrap(), 0);
+    }
+}
