@@ -1,1 +1,332 @@
-//! placeholder
+//! The TOML config that `aurora` reads, and its embedded default.
+//!
+//! A config is a list of plugins; every field but `name` and `command` is
+//! optional and falls back to [`PluginSpec::new`]'s defaults:
+//!
+//! ```toml
+//! [[plugin]]
+//! name = "echo"
+//! command = "aurora-plugin-echo"   # next to `aurora`, relative to this file, or on PATH
+//! call_timeout = "5s"
+//!
+//! [plugin.restart]
+//! mode = "on-failure"              # never | on-failure | always
+//! max_restarts = 5
+//! window = "1m"
+//! ```
+//!
+//! Durations are written the way people write them: `250ms`, `5s`, `1m 30s`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::spec::{PluginSpec, RestartMode, RestartPolicy};
+
+/// The config used when none is given: the example plugins, found next to
+/// the `aurora` binary.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+/// A parsed config: the plugins, in the order they were listed.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub plugins: Vec<PluginSpec>,
+}
+
+impl Config {
+    /// Reads the config at `path`; relative plugin paths are taken from the
+    /// file's directory.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Read`] when the file cannot be read,
+    /// [`ConfigError::Invalid`] (with line and column where TOML knows them)
+    /// when it does not describe valid plugins.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().map(Path::to_owned).unwrap_or_default();
+        Config::parse(&text, &path.display().to_string(), &base)
+    }
+
+    /// The embedded default config, with plugins found next to the running
+    /// executable.
+    ///
+    /// # Errors
+    ///
+    /// Only if the embedded text is broken, which a unit test rules out.
+    pub fn embedded_default() -> Result<Config, ConfigError> {
+        Config::parse(DEFAULT_CONFIG, "(embedded default)", &executable_dir())
+    }
+
+    /// Parses config `text`; `origin` names it in errors and `base` anchors
+    /// relative plugin paths.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] for a syntax error, an unknown field, a bad
+    /// value or a repeated plugin name.
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            message,
+        };
+        let file: ConfigFile = toml::from_str(text).map_err(|err| invalid(err.to_string()))?;
+
+        let mut plugins: Vec<PluginSpec> = Vec::with_capacity(file.plugin.len());
+        for entry in file.plugin {
+            if entry.name.trim().is_empty() {
+                return Err(invalid("a plugin has an empty name".to_owned()));
+            }
+            if plugins.iter().any(|p| p.name == entry.name) {
+                return Err(invalid(format!("plugin {:?} is defined twice", entry.name)));
+            }
+            let spec = entry.into_spec(base).map_err(invalid)?;
+            plugins.push(spec);
+        }
+        Ok(Config { plugins })
+    }
+
+    /// The plugin called `name`.
+    pub fn plugin(&self, name: &str) -> Option<&PluginSpec> {
+        self.plugins.iter().find(|p| p.name == name)
+    }
+}
+
+/// The directory of the running executable, where the example plugins are
+/// built beside `aurora`.
+fn executable_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_owned))
+        .unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    plugin: Vec<PluginEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginEntry {
+    name: String,
+    command: PathBuf,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    cwd: Option<PathBuf>,
+    #[serde(default, deserialize_with = "duration")]
+    call_timeout: Option<Duration>,
+    max_concurrent_calls: Option<usize>,
+    max_frame: Option<u32>,
+    #[serde(default, deserialize_with = "duration")]
+    handshake_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    cancel_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    stop_timeout: Option<Duration>,
+    /// A duration, or `"off"`.
+    health_interval: Option<String>,
+    #[serde(default, deserialize_with = "duration")]
+    health_timeout: Option<Duration>,
+    log_level: Option<String>,
+    #[serde(default)]
+    restart: RestartEntry,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RestartEntry {
+    mode: Option<RestartMode>,
+    max_restarts: Option<u32>,
+    #[serde(default, deserialize_with = "duration")]
+    window: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    backoff_initial: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    backoff_max: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    reset_after: Option<Duration>,
+}
+
+/// The smallest frame limit accepted: enough for a hello with many methods.
+const MIN_MAX_FRAME: u32 = 4096;
+
+impl PluginEntry {
+    fn into_spec(self, base: &Path) -> Result<PluginSpec, String> {
+        let name = self.name;
+        let mut spec = PluginSpec::new(name.clone(), resolve_command(&self.command, base));
+        spec.args = self.args;
+        spec.env = self.env;
+        spec.cwd = self.cwd.map(|cwd| base.join(cwd));
+
+        set(&mut spec.call_timeout, self.call_timeout);
+        set(&mut spec.handshake_timeout, self.handshake_timeout);
+        set(&mut spec.cancel_grace, self.cancel_grace);
+        set(&mut spec.stop_timeout, self.stop_timeout);
+        set(&mut spec.health_timeout, self.health_timeout);
+        if let Some(level) = self.log_level {
+            if level.parse::<tracing::Level>().is_err() {
+                return Err(format!(
+                    "plugin {name:?}: log_level {level:?} is not a level"
+                ));
+            }
+            spec.log_level = level;
+        }
+        if let Some(interval) = self.health_interval {
+            spec.health_interval = match interval.as_str() {
+                "off" => None,
+                text => Some(parse_duration(text).map_err(|e| format!("plugin {name:?}: {e}"))?),
+            };
+        }
+        if let Some(limit) = self.max_concurrent_calls {
+            if limit == 0 {
+                return Err(format!(
+                    "plugin {name:?}: max_concurrent_calls must be at least 1"
+                ));
+            }
+            spec.max_concurrent_calls = limit;
+        }
+        if let Some(limit) = self.max_frame {
+            if limit < MIN_MAX_FRAME {
+                return Err(format!(
+                    "plugin {name:?}: max_frame must be at least {MIN_MAX_FRAME}"
+                ));
+            }
+            spec.max_frame = limit;
+        }
+
+        let restart = self.restart;
+        let policy: &mut RestartPolicy = &mut spec.restart;
+        set(&mut policy.mode, restart.mode);
+        set(&mut policy.max_restarts, restart.max_restarts);
+        set(&mut policy.window, restart.window);
+        set(&mut policy.backoff_initial, restart.backoff_initial);
+        set(&mut policy.backoff_max, restart.backoff_max);
+        set(&mut policy.reset_after, restart.reset_after);
+        Ok(spec)
+    }
+}
+
+fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *field = value;
+    }
+}
+
+/// Finds a plugin executable: absolute paths as given, paths with a slash
+/// relative to `base`, bare names beside `aurora` if there, else on PATH.
+fn resolve_command(command: &Path, base: &Path) -> PathBuf {
+    if command.is_absolute() {
+        return command.to_owned();
+    }
+    if command.components().count() > 1 {
+        return base.join(command);
+    }
+    let beside = executable_dir().join(command);
+    if beside.is_file() {
+        return beside;
+    }
+    command.to_owned()
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|err| format!("{text:?} is not a duration: {err}"))
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", Path::new("/etc/aurora"))
+    }
+
+    #[test]
+    fn the_embedded_default_parses() {
+        let config = Config::embedded_default().unwrap();
+        assert!(config.plugin("echo").is_some());
+    }
+
+    #[test]
+    fn fields_override_defaults_and_the_rest_stay() {
+        let config = parse(
+            r#"
+            [[plugin]]
+            name = "a"
+            command = "bin/a"
+            call_timeout = "250ms"
+            health_interval = "off"
+            [plugin.restart]
+            mode = "always"
+            window = "1m 30s"
+            "#,
+        )
+        .unwrap();
+        let spec = config.plugin("a").unwrap();
+        assert_eq!(spec.command, Path::new("/etc/aurora/bin/a"));
+        assert_eq!(spec.call_timeout, Duration::from_millis(250));
+        assert_eq!(spec.health_interval, None);
+        assert_eq!(spec.restart.mode, RestartMode::Always);
+        assert_eq!(spec.restart.window, Duration::from_secs(90));
+        let defaults = PluginSpec::new("a", "x");
+        assert_eq!(spec.stop_timeout, defaults.stop_timeout);
+        assert_eq!(spec.restart.max_restarts, defaults.restart.max_restarts);
+    }
+
+    #[test]
+    fn errors_name_the_problem_and_its_place() {
+        let cases = [
+            (
+                "[[plugin]]\nname = \"a\"\ncommand = \"x\"\ncall_timout = \"1s\"\n",
+                "call_timout",
+            ),
+            (
+                "[[plugin]]\nname = \"a\"\ncommand = \"x\"\ncall_timeout = \"soon\"\n",
+                "soon",
+            ),
+            (
+                "[[plugin]]\nname = \"a\"\ncommand = \"x\"\n[[plugin]]\nname = \"a\"\ncommand = \"y\"\n",
+                "defined twice",
+            ),
+            ("[[plugin]]\nname = \"a\"\n", "command"),
+            (
+                "[[plugin]]\nname = \"a\"\ncommand = \"x\"\nmax_frame = 10\n",
+                "max_frame",
+            ),
+            ("[[plugin]\n", "line 1"),
+        ];
+        for (text, expected) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected:?} not in {err:?}");
+            assert!(err.contains("test.toml"), "origin missing from {err:?}");
+        }
+    }
+}

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
-use aurora_protocol::{HostMessage, MethodInfo, Payload};
+use aurora_protocol::{ErrorKind, HostMessage, MethodInfo, Payload};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::Child;
@@ -266,6 +266,11 @@ impl PluginHandle {
 
         match tokio::time::timeout_at(deadline, outcome).await {
             Ok(Ok(Outcome::Replied(Ok(payload)))) => Ok(payload),
+            // The plugin saw the same deadline pass: to the caller that is a
+            // timeout, whichever side noticed first.
+            Ok(Ok(Outcome::Replied(Err(remote)))) if remote.kind == ErrorKind::DeadlineExceeded => {
+                Err(timed_out())
+            }
             Ok(Ok(Outcome::Replied(Err(remote)))) => Err(CallError::Remote {
                 plugin: plugin.clone(),
                 method: method.to_owned(),
