@@ -26,6 +26,9 @@ use tracing::Instrument;
 
 use crate::error::Crash;
 
+/// The reader's account of a socket that reached end-of-file between frames.
+pub(crate) const CONNECTION_CLOSED: &str = "connection closed";
+
 /// Writes are gathered up to about this many bytes before one system call.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -298,7 +301,7 @@ async fn read_loop(
             Ok(Some(PluginMessage::Hello(_))) => {
                 break "protocol violation: a second hello".to_owned();
             }
-            Ok(None) => break "connection closed".to_owned(),
+            Ok(None) => break CONNECTION_CLOSED.to_owned(),
             Err(err) => break err.to_string(),
         }
     };

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::backoff::{Backoff, Decision};
-use crate::connection::{Connection, ConnectionTasks, Outcome};
+use crate::connection::{CONNECTION_CLOSED, Connection, ConnectionTasks, Outcome};
 use crate::error::{CallError, Crash, ExitReason};
 use crate::event::{Event, EventKind};
 use crate::spawn::{StderrTail, spawn_plugin};
@@ -41,6 +41,9 @@ use crate::spec::{PluginSpec, RestartMode};
 /// How long a process that closed its socket has to exit on its own before
 /// it is killed.
 const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(1);
+
+/// The cause of an exit with nothing else to say about it.
+const PROCESS_EXITED: &str = "process exited";
 
 /// How long to wait for the last of a dead plugin's output to be read.
 const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
@@ -419,11 +422,7 @@ impl PluginTask {
                     let _ = done.send(());
                     self.stay_down(PluginState::Stopped).await
                 }
-                Ended::Restarted { done } => {
-                    self.backoff.reset();
-                    let _ = done.send(());
-                    Next::Start
-                }
+                Ended::Restarted { done } => self.restart_requested(done),
                 Ended::Abandoned => Next::Exit,
             };
             if let Next::Exit = next {
@@ -536,10 +535,17 @@ impl PluginTask {
             tokio::select! {
                 status = running.child.wait() => {
                     let exit = status.ok().map(ExitReason::from_status);
-                    return self.crashed(running, "process exited".to_owned(), Reap::Exited(exit)).await;
+                    let cause = exit_cause(&mut running.tasks.closed).await;
+                    return self.crashed(running, cause, Reap::Exited(exit)).await;
                 }
                 cause = &mut running.tasks.closed => {
-                    let cause = cause.unwrap_or_else(|_| "connection reader stopped".to_owned());
+                    // A clean end-of-file means the process is on its way
+                    // out; its exit status will tell the rest.
+                    let cause = match cause {
+                        Ok(cause) if cause == CONNECTION_CLOSED => PROCESS_EXITED.to_owned(),
+                        Ok(cause) => cause,
+                        Err(_) => "connection reader stopped".to_owned(),
+                    };
                     return self.crashed(running, cause, Reap::WaitThenKill).await;
                 }
                 Some(reason) = running.tasks.stuck.recv() => {
@@ -698,7 +704,8 @@ impl PluginTask {
             crash: crash.clone(),
         });
 
-        let clean = crash.exit.is_some_and(ExitReason::is_clean);
+        // Status zero after breaking the protocol is still a failure.
+        let clean = crash.exit.is_some_and(ExitReason::is_clean) && crash.cause == PROCESS_EXITED;
         let restart = match self.spec.restart.mode {
             RestartMode::Never => false,
             RestartMode::OnFailure => !clean,
@@ -743,14 +750,20 @@ impl PluginTask {
                     let _ = done.send(());
                     self.stay_down(PluginState::Stopped).await
                 }
-                Some(Control::Restart { done }) => {
-                    self.backoff.reset();
-                    let _ = done.send(());
-                    Next::Start
-                }
+                Some(Control::Restart { done }) => self.restart_requested(done),
                 None => Next::Exit,
             },
         }
+    }
+
+    /// Forgets past failures and acknowledges a restart request. `Starting`
+    /// is published before the acknowledgement, so a caller that waited for
+    /// the restart never sees the old failed state afterwards.
+    fn restart_requested(&mut self, done: oneshot::Sender<()>) -> Next {
+        self.backoff.reset();
+        self.publish(PluginState::Starting, None);
+        let _ = done.send(());
+        Next::Start
     }
 
     /// Waits, with no process, for a restart request or the end.
@@ -767,14 +780,20 @@ impl PluginTask {
                 Some(Control::Stop { done }) => {
                     let _ = done.send(());
                 }
-                Some(Control::Restart { done }) => {
-                    self.backoff.reset();
-                    let _ = done.send(());
-                    return Next::Start;
-                }
+                Some(Control::Restart { done }) => return self.restart_requested(done),
                 None => return Next::Exit,
             }
         }
+    }
+}
+
+/// Why a process that exited by itself went away: usually just that, but
+/// when its last act was to break the protocol (a truncated or malformed
+/// frame), the reader's account is the more useful one.
+async fn exit_cause(closed: &mut oneshot::Receiver<String>) -> String {
+    match tokio::time::timeout(EXIT_AFTER_CLOSE, closed).await {
+        Ok(Ok(cause)) if cause != CONNECTION_CLOSED => cause,
+        _ => PROCESS_EXITED.to_owned(),
     }
 }
 
