@@ -5,7 +5,7 @@
 //! config or input (unknown plugin or method, invalid JSON); 3 the call
 //! timed out.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -104,9 +104,11 @@ fn init_logging(format: LogFormat, flag: Option<&str>, default_filter: &str) {
         eprintln!("aurora: ignoring log filter {filter:?}: {err}");
         EnvFilter::new(default_filter)
     });
+    let colour = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
