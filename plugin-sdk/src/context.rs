@@ -17,9 +17,37 @@ pub struct Context {
 }
 
 /// Returned by [`Context::sleep`] when the call is cancelled first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("call cancelled")]
-pub struct Cancelled;
+///
+/// With `?` inside a handler it becomes an [`crate::Error`] of kind
+/// `Cancelled`, or `DeadlineExceeded` when the deadline is what ended the
+/// wait. It deliberately does not implement `std::error::Error`: that would
+/// route it through the generic conversion, which reports every error as a
+/// plain failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled {
+    by_deadline: bool,
+}
+
+impl Cancelled {
+    pub(crate) fn new(by_deadline: bool) -> Cancelled {
+        Cancelled { by_deadline }
+    }
+
+    /// Whether the deadline passing, rather than a `Cancel` from the
+    /// supervisor, ended the wait.
+    pub fn by_deadline(&self) -> bool {
+        self.by_deadline
+    }
+}
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.by_deadline {
+            true => f.write_str("the call's deadline passed"),
+            false => f.write_str("the call was cancelled"),
+        }
+    }
+}
 
 impl Context {
     pub(crate) fn new(id: u64, deadline: Instant, cancel: watch::Receiver<bool>) -> Context {
@@ -71,7 +99,10 @@ impl Context {
     pub async fn sleep(&self, duration: Duration) -> Result<(), Cancelled> {
         tokio::select! {
             _ = tokio::time::sleep(duration) => Ok(()),
-            _ = self.cancelled() => Err(Cancelled),
+            _ = self.cancelled() => {
+                let by_deadline = !*self.cancel.borrow();
+                Err(Cancelled::new(by_deadline))
+            }
         }
     }
 }

@@ -67,12 +67,13 @@ impl From<Error> for RemoteError {
 }
 
 /// `Cancelled` converts with its own kind, not as a generic failure.
-impl From<Cancelled> for RemoteError {
-    fn from(_: Cancelled) -> RemoteError {
-        RemoteError {
-            kind: ErrorKind::Cancelled,
-            message: "call cancelled".into(),
-        }
+impl From<Cancelled> for Error {
+    fn from(cancelled: Cancelled) -> Error {
+        let kind = match cancelled.by_deadline() {
+            true => ErrorKind::DeadlineExceeded,
+            false => ErrorKind::Cancelled,
+        };
+        Error::new(kind, cancelled)
     }
 }
 
@@ -201,4 +202,29 @@ fn encode_response<Resp: Serialize>(encoding: Encoding, response: &Resp) -> Hand
         kind: ErrorKind::Failed,
         message: format!("cannot encode the response: {err}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_convert_with_the_right_kind() {
+        let io = std::io::Error::other("disk on fire");
+        let err: Error = io.into();
+        assert_eq!(err.kind(), ErrorKind::Failed);
+        assert_eq!(RemoteError::from(err).message, "disk on fire");
+
+        let from_deadline: Error = Cancelled::new(true).into();
+        assert_eq!(from_deadline.kind(), ErrorKind::DeadlineExceeded);
+        let from_cancel: Error = Cancelled::new(false).into();
+        assert_eq!(from_cancel.kind(), ErrorKind::Cancelled);
+    }
+
+    #[test]
+    #[should_panic(expected = "registered twice")]
+    fn a_method_name_is_registered_once() {
+        let ok = |_: &Context, (): ()| -> Result<(), Error> { Ok(()) };
+        let _ = Plugin::new("p", "1.0.0").method("m", ok).method("m", ok);
+    }
 }

@@ -276,6 +276,16 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_parses_with_every_field() {
+        let text = include_str!("../../examples/aurora.toml");
+        let config = parse(text).unwrap();
+        let echo = config.plugin("echo").unwrap();
+        assert_eq!(echo.env.get("ECHO_GREETING").map(String::as_str), Some("hi"));
+        assert_eq!(echo.restart.window, Duration::from_secs(60));
+        assert!(config.plugin("wordcount").is_some());
+    }
+
+    #[test]
     fn fields_override_defaults_and_the_rest_stay() {
         let config = parse(
             r#"

@@ -8,9 +8,9 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use aurora_plugin_sdk::{Context, Error, ErrorKind, Plugin};
+use aurora_plugin_sdk::{Context, Error, Plugin};
 use serde::Serialize;
 use serde_bytes::ByteBuf;
 
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
             },
         )
         .method_async("sleep", |ctx: Context, millis: u64| async move {
-            sleep_unless_cancelled(&ctx, Duration::from_millis(millis)).await?;
+            ctx.sleep(Duration::from_millis(millis)).await?;
             Ok(millis)
         })
         .method("crash", |_ctx: &Context, (): ()| -> Result<(), Error> {
@@ -68,28 +68,6 @@ fn main() -> ExitCode {
             })
         })
         .run()
-}
-
-/// Sleeps for `duration`, stopping early if the call is cancelled.
-///
-/// # Errors
-///
-/// A `DeadlineExceeded` error when the call's deadline passed first, and a
-/// `Cancelled` error when the supervisor cancelled it first. The SDK's
-/// `Cancelled` would otherwise convert through `?` as a plain failure.
-async fn sleep_unless_cancelled(ctx: &Context, duration: Duration) -> Result<(), Error> {
-    let Err(cancelled) = ctx.sleep(duration).await else {
-        return Ok(());
-    };
-
-    let is_past_deadline = Instant::now() >= ctx.deadline();
-    if is_past_deadline {
-        return Err(Error::new(
-            ErrorKind::DeadlineExceeded,
-            "deadline passed while sleeping",
-        ));
-    }
-    Err(Error::new(ErrorKind::Cancelled, cancelled))
 }
 
 /// Ends the process at once, as a crashing plugin would: no reply, no

@@ -20,7 +20,7 @@ use std::os::fd::BorrowedFd;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use aurora_plugin_sdk::{Context, Error, ErrorKind, Plugin};
+use aurora_plugin_sdk::{Context, Error, Plugin};
 use aurora_protocol::CHANNEL_FD;
 use nix::errno::Errno;
 
@@ -188,7 +188,7 @@ async fn wait_after_damage(ctx: &Context) -> Result<(), Error> {
         Ok(()) => Err(Error::msg(
             "the supervisor never reacted to the corrupted channel",
         )),
-        Err(cancelled) => Err(Error::new(ErrorKind::Cancelled, cancelled)),
+        Err(cancelled) => Err(cancelled.into()),
     }
 }
 
