@@ -280,7 +280,10 @@ mod tests {
         let text = include_str!("../../examples/aurora.toml");
         let config = parse(text).unwrap();
         let echo = config.plugin("echo").unwrap();
-        assert_eq!(echo.env.get("ECHO_GREETING").map(String::as_str), Some("hi"));
+        assert_eq!(
+            echo.env.get("ECHO_GREETING").map(String::as_str),
+            Some("hi")
+        );
         assert_eq!(echo.restart.window, Duration::from_secs(60));
         assert!(config.plugin("wordcount").is_some());
     }
