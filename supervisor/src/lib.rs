@@ -39,5 +39,5 @@ pub use aurora_protocol::{Encoding, ErrorKind, Payload};
 pub use error::{CallError, Crash, ExitReason, SupervisorError};
 pub use event::{Event, EventKind};
 pub use plugin::{PluginState, PluginStatus};
-pub use spec::{PluginSpec, RestartMode, RestartPolicy};
+pub use spec::{Enforcement, Limits, Permissions, PluginSpec, RestartMode, RestartPolicy};
 pub use supervisor::Supervisor;

@@ -43,6 +43,10 @@ pub struct PluginSpec {
     pub restart: RestartPolicy,
     /// The most verbose level of the plugin's own logs to forward.
     pub log_level: String,
+    /// Resource limits, enforced by rlimits and, where available, cgroups.
+    pub limits: Limits,
+    /// What the plugin may touch, enforced by Landlock and credentials.
+    pub permissions: Permissions,
 }
 
 impl PluginSpec {
@@ -64,8 +68,104 @@ impl PluginSpec {
             health_timeout: Duration::from_secs(5),
             restart: RestartPolicy::default(),
             log_level: "info".to_owned(),
+            limits: Limits::default(),
+            permissions: Permissions::default(),
         }
     }
+}
+
+/// Resource limits for one plugin process and everything it starts.
+///
+/// `None` means unlimited. The defaults are safe for a well-behaved plugin
+/// and stop a runaway one: no core dumps, a bounded address space, a bounded
+/// number of processes and open files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of address space (`RLIMIT_AS`), and of memory for the plugin's
+    /// cgroup where one can be made.
+    pub memory: Option<u64>,
+    /// Seconds of CPU time (`RLIMIT_CPU`): SIGXCPU at the limit, SIGKILL one
+    /// second later. CPU time adds up over the process's whole life.
+    pub cpu_seconds: Option<u64>,
+    /// Open file descriptors (`RLIMIT_NOFILE`).
+    pub open_files: Option<u64>,
+    /// Processes and threads: the pids cgroup where one can be made, and
+    /// `RLIMIT_NPROC` when the plugin runs as an unprivileged user.
+    pub processes: Option<u64>,
+    /// Bytes in any one file the plugin writes (`RLIMIT_FSIZE`).
+    pub file_size: Option<u64>,
+    /// Whether a crash may leave a core dump (`RLIMIT_CORE`).
+    pub core_dumps: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            memory: Some(1 << 30),
+            cpu_seconds: None,
+            open_files: Some(1024),
+            processes: Some(64),
+            file_size: None,
+            core_dumps: false,
+        }
+    }
+}
+
+/// What a plugin may reach beyond its own memory.
+///
+/// Paths are granted with everything beneath them. The defaults allow what a
+/// dynamically linked program needs to start (its own executable, the system
+/// libraries, a few device files) and nothing else: no writes, no TCP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    /// Paths the plugin may read, beyond the defaults.
+    pub read: Vec<std::path::PathBuf>,
+    /// Paths the plugin may read and write.
+    pub write: Vec<std::path::PathBuf>,
+    /// Programs or directories the plugin may execute, beyond its own binary.
+    pub execute: Vec<std::path::PathBuf>,
+    /// TCP ports the plugin may connect to.
+    pub connect_tcp: Vec<u16>,
+    /// TCP ports the plugin may listen on.
+    pub bind_tcp: Vec<u16>,
+    /// Variables passed through from the supervisor's environment; all
+    /// others are scrubbed (the spec's own `env` is always set).
+    pub pass_env: Vec<String>,
+    /// The user to run as when the supervisor runs as root.
+    pub user: Option<String>,
+    /// The group to run as; the user's primary group when unset.
+    pub group: Option<String>,
+    /// What to do when the kernel cannot enforce part of the sandbox.
+    pub enforce: Enforcement,
+}
+
+impl Default for Permissions {
+    fn default() -> Permissions {
+        Permissions {
+            read: Vec::new(),
+            write: Vec::new(),
+            execute: Vec::new(),
+            connect_tcp: Vec::new(),
+            bind_tcp: Vec::new(),
+            pass_env: ["PATH", "LANG", "LC_ALL", "TZ", "RUST_BACKTRACE"]
+                .map(String::from)
+                .to_vec(),
+            user: None,
+            group: None,
+            enforce: Enforcement::BestEffort,
+        }
+    }
+}
+
+/// How strictly a sandbox the kernel cannot fully enforce is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Enforcement {
+    /// Run with what the kernel can enforce and log what it cannot.
+    #[default]
+    BestEffort,
+    /// Refuse to start rather than run with less than the whole sandbox.
+    Strict,
 }
 
 /// When a plugin that stopped on its own is started again.
