@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: finding the real binaries,
-//! specs tuned for tests, waiting on events, and checking which processes
-//! are still alive.
+//! specs tuned for tests, waiting on events, checking which processes are
+//! still alive, and asking the kernel which parts of the sandbox it can
+//! enforce here.
 //!
 //! The binaries are the ones `cargo test --workspace` builds into the same
 //! target directory as the test executables; nothing here builds anything.
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use aurora_supervisor::{Event, EventKind, PluginSpec, Supervisor};
+use nix::sys::signal::Signal;
 use tokio::sync::broadcast;
 
 /// A bound for things that should take milliseconds; generous because the
@@ -54,8 +56,14 @@ pub fn echo() -> PluginSpec {
     spec("echo", "aurora-plugin-echo")
 }
 
+/// The misbehave plugin, allowed to run programs from the usual binary
+/// directories: its `spawn_grandchild` method starts `sleep`, which the
+/// sandbox would otherwise refuse to execute, and the tests that use it are
+/// about the grandchild's fate, not about that refusal.
 pub fn misbehave() -> PluginSpec {
-    spec("misbehave", "aurora-plugin-misbehave")
+    let mut spec = spec("misbehave", "aurora-plugin-misbehave");
+    spec.permissions.execute = vec!["/usr/bin".into(), "/bin".into()];
+    spec
 }
 
 /// A supervisor running `specs`, each ready.
@@ -124,6 +132,21 @@ pub fn is_alive(pid: u32) -> bool {
     !matches!(state, Some("Z") | Some("X") | None)
 }
 
+/// Polls `condition` until it holds, for up to [`PATIENCE`].
+///
+/// # Panics
+///
+/// When it never does, saying what was awaited.
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let held = tokio::time::timeout(PATIENCE, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(held.is_ok(), "gave up waiting until {what}");
+}
+
 /// Polls until every pid in `pids` is gone, for up to [`PATIENCE`].
 ///
 /// # Panics
@@ -153,8 +176,169 @@ pub fn children_of(parent: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The pids of every live descendant of `ancestor`: its children, theirs,
+/// and so on. A descendant whose parent died was reparented and is not found.
+pub fn descendants_of(ancestor: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut unexplored = vec![ancestor];
+    while let Some(parent) = unexplored.pop() {
+        let children = children_of(parent);
+        unexplored.extend(&children);
+        found.extend(children);
+    }
+    found
+}
+
+/// The process group `pid` belongs to, while it lives.
+pub fn process_group_of(pid: u32) -> Option<u32> {
+    stat_field(pid, STAT_PROCESS_GROUP)
+}
+
+/// The session `pid` belongs to, while it lives.
+pub fn session_of(pid: u32) -> Option<u32> {
+    stat_field(pid, STAT_SESSION)
+}
+
+/// Whether `pid` has set `signal` to be ignored.
+pub fn ignores_signal(pid: u32, signal: Signal) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let ignored = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok());
+    // Bit n - 1 of the mask stands for signal n.
+    let bit = 1_u64 << (signal as i32 - 1);
+    ignored.is_some_and(|mask| mask & bit != 0)
+}
+
+/// Where the parent pid sits among the fields after a process's name in
+/// `/proc/<pid>/stat`.
+const STAT_PARENT: usize = 1;
+/// Where the process group sits, likewise.
+const STAT_PROCESS_GROUP: usize = 2;
+/// Where the session sits, likewise.
+const STAT_SESSION: usize = 3;
+
 fn parent_of(pid: u32) -> Option<u32> {
+    stat_field(pid, STAT_PARENT)
+}
+
+/// A numeric field of `/proc/<pid>/stat`, counted from the state that
+/// follows the parenthesised name (which may itself contain spaces).
+fn stat_field(pid: u32, index: usize) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
+    rest.split_whitespace().nth(index)?.parse().ok()
+}
+
+/// Checks that the kernel offers Landlock at ABI `minimum` or newer: 1 for
+/// file system rules, 4 for TCP rules.
+///
+/// # Errors
+///
+/// Why not, in words fit for a "skipping" line.
+pub fn landlock_support(minimum: i64) -> Result<(), String> {
+    // The flag that makes landlock_create_ruleset report the ABI version
+    // instead of creating a ruleset.
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+
+    // SAFETY: with a null attribute pointer, a size of zero and the version
+    // flag, the system call reads and writes no memory; it only returns the
+    // ABI version or fails.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0_usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    if abi < 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(format!("the kernel offers no Landlock ({err})"));
+    }
+    if abi < minimum {
+        return Err(format!(
+            "the kernel offers Landlock ABI {abi}, and this needs {minimum}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that this process could make a cgroup for a plugin: a writable
+/// cgroup v2 hierarchy, or a writable v1 hierarchy, with `controller`
+/// available when one is named ("pids", "memory").
+///
+/// # Errors
+///
+/// Why not, in words fit for a "skipping" line.
+pub fn cgroup_support(controller: Option<&str>) -> Result<(), String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|err| format!("cannot read /proc/self/mounts: {err}"))?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|err| format!("cannot read /proc/self/cgroup: {err}"))?;
+
+    for mount in mounts.lines() {
+        let fields: Vec<&str> = mount.split_whitespace().collect();
+        let [_, mount_point, fs_type, options, ..] = fields[..] else {
+            continue;
+        };
+        let dir = match fs_type {
+            "cgroup2" => {
+                let Some(path) = own_cgroup(&own, |list| list.is_empty()) else {
+                    continue;
+                };
+                let dir = PathBuf::from(mount_point).join(path.trim_start_matches('/'));
+                let controllers =
+                    std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+                let has_controller = controller
+                    .is_none_or(|wanted| controllers.split_whitespace().any(|c| c == wanted));
+                if !has_controller {
+                    continue;
+                }
+                dir
+            }
+            "cgroup" => {
+                let mounted: Vec<&str> = options.split(',').collect();
+                let has_controller = controller.is_none_or(|wanted| mounted.contains(&wanted));
+                if !has_controller {
+                    continue;
+                }
+                let in_this_hierarchy =
+                    |list: &str| list.split(',').any(|name| mounted.contains(&name));
+                let Some(path) = own_cgroup(&own, in_this_hierarchy) else {
+                    continue;
+                };
+                PathBuf::from(mount_point).join(path.trim_start_matches('/'))
+            }
+            _ => continue,
+        };
+        if nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok() {
+            return Ok(());
+        }
+    }
+
+    let wanted = controller.map_or(String::new(), |name| format!(" with the {name} controller"));
+    Err(format!(
+        "no cgroup hierarchy{wanted} is writable here (cgroups need root or a delegated subtree)"
+    ))
+}
+
+/// This process's cgroup path in the hierarchy whose controller list
+/// satisfies `is_hierarchy`, from the contents of `/proc/self/cgroup`.
+fn own_cgroup(own: &str, is_hierarchy: impl Fn(&str) -> bool) -> Option<&str> {
+    own.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, list, path) = (parts.next()?, parts.next()?, parts.next()?);
+        is_hierarchy(list).then_some(path)
+    })
+}
+
+/// Whether this process runs as root, where the sandbox switches the plugin
+/// to an unprivileged user and can make cgroups.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid takes nothing, touches no memory and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
