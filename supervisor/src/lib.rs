@@ -22,6 +22,9 @@
 //!   routes replies, and the table of calls in flight;
 //! - `spawn.rs`: process creation (socket, process group, death signal) and
 //!   output capture;
+//! - `sandbox/`: rlimits, credentials, Landlock and cgroups, prepared before
+//!   the fork and applied in the child, plus the guardian that kills every
+//!   plugin if the supervisor is killed outright;
 //! - `backoff.rs`: restart delays and the restart budget;
 //! - [`config`]: the TOML config the `aurora` binary reads.
 
@@ -31,6 +34,7 @@ mod connection;
 mod error;
 mod event;
 mod plugin;
+mod sandbox;
 mod spawn;
 mod spec;
 mod supervisor;

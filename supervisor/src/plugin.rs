@@ -18,8 +18,7 @@
 //! off, and fail fast when it is failed or stopped. Commands arrive as
 //! [`Control`] messages; closing the control channel stops the plugin.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use aurora_protocol::{ErrorKind, HostMessage, MethodInfo, Payload};
@@ -35,12 +34,18 @@ use crate::backoff::{Backoff, Decision};
 use crate::connection::{CONNECTION_CLOSED, Connection, ConnectionTasks, Outcome};
 use crate::error::{CallError, Crash, ExitReason};
 use crate::event::{Event, EventKind};
+use crate::sandbox::{self, PluginCgroup};
 use crate::spawn::{StderrTail, spawn_plugin};
 use crate::spec::{PluginSpec, RestartMode};
 
 /// How long a process that closed its socket has to exit on its own before
 /// it is killed.
 const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(1);
+
+/// How often to look whether a killed plugin's cgroup has emptied, and how
+/// long to keep looking.
+const CGROUP_POLL: Duration = Duration::from_millis(10);
+const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(2);
 
 /// The cause of an exit with nothing else to say about it.
 const PROCESS_EXITED: &str = "process exited";
@@ -90,6 +95,8 @@ pub(crate) struct Status {
     /// How many processes have been started.
     pub(crate) generation: u64,
     pub(crate) started_at: Option<std::time::Instant>,
+    /// What the kernel could not enforce of the latest process's sandbox.
+    pub(crate) sandbox_gaps: Vec<String>,
 }
 
 /// A snapshot of one plugin, for status displays.
@@ -104,6 +111,9 @@ pub struct PluginStatus {
     /// Processes started so far; restarts are this minus one.
     pub generation: u64,
     pub uptime: Option<Duration>,
+    /// Parts of the sandbox the kernel could not enforce; empty when all of
+    /// it holds.
+    pub sandbox_gaps: Vec<String>,
 }
 
 /// Requests to the plugin task.
@@ -120,9 +130,9 @@ pub(crate) struct PluginHandle {
     status: watch::Receiver<Status>,
     control: mpsc::UnboundedSender<Control>,
     permits: Semaphore,
-    /// The running process group, 0 when none: lets `kill_now` act without
-    /// the task, for drops that cannot wait.
-    group: Arc<AtomicI32>,
+    /// How to kill the running process tree without the task, for drops
+    /// that cannot wait.
+    reach: Arc<Mutex<Option<Reach>>>,
     task: JoinHandle<()>,
 }
 
@@ -136,15 +146,16 @@ impl PluginHandle {
             pid: None,
             generation: 0,
             started_at: None,
+            sandbox_gaps: Vec::new(),
         });
         let (control, control_rx) = mpsc::unbounded_channel();
-        let group = Arc::new(AtomicI32::new(0));
+        let reach = Arc::new(Mutex::new(None));
         let task = PluginTask {
             spec: Arc::clone(&spec),
             status: status_tx,
             control: control_rx,
             events,
-            group: Arc::clone(&group),
+            reach: Arc::clone(&reach),
             backoff: Backoff::new(spec.restart.clone()),
         };
         let span = tracing::info_span!("plugin", name = %spec.name);
@@ -155,7 +166,7 @@ impl PluginHandle {
             status,
             control,
             permits,
-            group,
+            reach,
             task,
         }
     }
@@ -175,6 +186,7 @@ impl PluginHandle {
             methods: hello.map(|h| h.methods.clone()).unwrap_or_default(),
             generation: status.generation,
             uptime: status.started_at.map(|t| t.elapsed()),
+            sandbox_gaps: status.sandbox_gaps.clone(),
         }
     }
 
@@ -206,11 +218,10 @@ impl PluginHandle {
         }
     }
 
-    /// Kills the process group at once, without waiting, for drops.
+    /// Kills the process tree at once, without waiting, for drops.
     pub(crate) fn kill_now(&self) {
-        let group = self.group.load(Ordering::Acquire);
-        if group > 0 {
-            let _ = killpg(Pid::from_raw(group), Signal::SIGKILL);
+        if let Some(reach) = lock(&self.reach).as_ref() {
+            reach.kill();
         }
         self.task.abort();
     }
@@ -401,7 +412,7 @@ struct PluginTask {
     status: watch::Sender<Status>,
     control: mpsc::UnboundedReceiver<Control>,
     events: broadcast::Sender<Event>,
-    group: Arc<AtomicI32>,
+    reach: Arc<Mutex<Option<Reach>>>,
     backoff: Backoff,
 }
 
@@ -466,7 +477,12 @@ impl PluginTask {
             (None, crash)
         })?;
         let pid = spawned.pid;
-        self.group.store(pid as i32, Ordering::Release);
+        *lock(&self.reach) = Some(Reach { group: pid as i32, cgroup: spawned.cgroup.clone() });
+        if !spawned.sandbox_gaps.is_empty() && generation == 1 {
+            let gaps = spawned.sandbox_gaps.join("; ");
+            tracing::warn!(%gaps, "the kernel cannot enforce part of this plugin's sandbox");
+        }
+        self.status.send_modify(|s| s.sandbox_gaps = spawned.sandbox_gaps.clone());
         tracing::info!(pid, generation, "plugin process started");
         self.emit(EventKind::Spawned { pid, generation });
 
@@ -512,7 +528,7 @@ impl PluginTask {
             Ok(Ok(status)) => Some(ExitReason::from_status(status)),
             _ => self.kill_and_reap(&mut child).await,
         };
-        self.kill_group_leftovers();
+        self.kill_leftovers().await;
         Crash {
             cause,
             exit,
@@ -661,7 +677,7 @@ impl PluginTask {
         cause: String,
         exit: Option<ExitReason>,
     ) -> (Crash, Duration) {
-        self.kill_group_leftovers();
+        self.kill_leftovers().await;
         let drained = async {
             for output in running.output {
                 let _ = output.await;
@@ -680,21 +696,34 @@ impl PluginTask {
     }
 
     async fn kill_and_reap(&self, child: &mut Child) -> Option<ExitReason> {
-        if let Some(pid) = child.id() {
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        if let Some(reach) = lock(&self.reach).as_ref() {
+            reach.kill();
         }
         let _ = child.start_kill();
         child.wait().await.ok().map(ExitReason::from_status)
     }
 
-    /// Kills whatever is left in the plugin's process group (grandchildren it
-    /// started) and forgets the group.
-    fn kill_group_leftovers(&self) {
-        let group = self.group.swap(0, Ordering::AcqRel);
-        if group > 0 {
-            // ESRCH, the usual answer, means the group is already empty.
-            let _ = killpg(Pid::from_raw(group), Signal::SIGKILL);
+    /// Kills whatever is left of the plugin's process tree (grandchildren in
+    /// its process group or its cgroup), waits for the cgroup to empty, and
+    /// removes it.
+    async fn kill_leftovers(&self) {
+        let Some(reach) = lock(&self.reach).take() else {
+            return;
+        };
+        reach.kill();
+        if let Some(cgroup) = &reach.cgroup {
+            let emptied = async {
+                while !cgroup.is_empty() {
+                    tokio::time::sleep(CGROUP_POLL).await;
+                    cgroup.kill();
+                }
+            };
+            if tokio::time::timeout(CGROUP_EMPTY_WAIT, emptied).await.is_err() {
+                tracing::warn!("processes remain in the plugin's cgroup after SIGKILL");
+            }
+            cgroup.remove();
         }
+        sandbox::guardian::untrack(reach.group);
     }
 
     /// Applies the restart policy after a crash.
@@ -795,6 +824,28 @@ async fn exit_cause(closed: &mut oneshot::Receiver<String>) -> String {
         Ok(Ok(cause)) if cause != CONNECTION_CLOSED => cause,
         _ => PROCESS_EXITED.to_owned(),
     }
+}
+
+/// What is needed to kill a plugin's whole process tree.
+struct Reach {
+    /// The process group the plugin leads.
+    group: i32,
+    /// Its cgroups, which also hold descendants that left the group.
+    cgroup: Option<Arc<PluginCgroup>>,
+}
+
+impl Reach {
+    fn kill(&self) {
+        // ESRCH, the usual answer, means the group is already empty.
+        let _ = killpg(Pid::from_raw(self.group), Signal::SIGKILL);
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 fn snapshot(tail: &StderrTail) -> Vec<String> {

@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use crate::sandbox::{self, PluginCgroup, Prepared, SandboxError};
 use crate::spec::PluginSpec;
 
 /// How many stderr lines are kept for crash reports.
@@ -47,64 +48,70 @@ pub(crate) struct Spawned {
     /// The tasks copying stdout and stderr into the log; they end when the
     /// plugin (and anything it started that shares the pipes) is gone.
     pub(crate) output: Vec<JoinHandle<()>>,
+    /// The plugin's cgroups, when the machine offers any.
+    pub(crate) cgroup: Option<Arc<PluginCgroup>>,
+    /// Parts of the sandbox the kernel could not enforce.
+    pub(crate) sandbox_gaps: Vec<String>,
 }
 
 /// Why a plugin process could not be started.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot start {command}: {source}")]
-pub(crate) struct SpawnError {
-    command: String,
-    source: io::Error,
+pub(crate) enum SpawnError {
+    #[error("cannot start {command}: {source}")]
+    Exec { command: String, source: io::Error },
+    #[error("cannot sandbox {command}: {source}")]
+    Sandbox { command: String, source: SandboxError },
 }
 
 /// Starts the process `spec` describes, with its socket at
 /// [`CHANNEL_FD`].
 pub(crate) async fn spawn_plugin(spec: &PluginSpec) -> Result<Spawned, SpawnError> {
-    let spawn_error = |source| SpawnError {
-        command: spec.command.display().to_string(),
-        source,
+    let command_name = || spec.command.display().to_string();
+    let spawn_error = |source| SpawnError::Exec { command: command_name(), source };
+
+    let sandbox = Prepared::prepare(spec)
+        .map_err(|source| SpawnError::Sandbox { command: command_name(), source })?;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_error)?;
+    let command = build_command(spec, theirs.as_raw_fd(), &sandbox);
+    let spawned = spawn_on_spawner_thread(command).await;
+    // The child has its own copies now; ours must go, or the supervisor would
+    // never see end-of-file when the plugin dies. The sandbox's descriptors
+    // (ruleset, cgroup files) go with it.
+    drop(theirs);
+    let Prepared { cgroup, gaps: sandbox_gaps, .. } = sandbox;
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(err) => {
+            if let Some(cgroup) = &cgroup {
+                cgroup.remove();
+            }
+            return Err(spawn_error(err));
+        }
     };
 
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_error)?;
-    let command = build_command(spec, theirs.as_raw_fd());
-    let mut child = spawn_on_spawner_thread(command)
-        .await
-        .map_err(spawn_error)?;
-    // The child has its own copy now; ours must go, or the supervisor would
-    // never see end-of-file when the plugin dies.
-    drop(theirs);
-
     let pid = child.id().unwrap_or_default();
+    sandbox::guardian::track(pid as i32);
     ours.set_nonblocking(true).map_err(spawn_error)?;
     let channel = UnixStream::from_std(ours).map_err(spawn_error)?;
 
     let stderr_tail: StderrTail = Arc::default();
     let mut output = Vec::with_capacity(2);
     if let Some(stdout) = child.stdout.take() {
-        output.push(tokio::spawn(
-            forward_lines(stdout, "stdout", None).in_current_span(),
-        ));
+        output.push(tokio::spawn(forward_lines(stdout, "stdout", None).in_current_span()));
     }
     if let Some(stderr) = child.stderr.take() {
         let tail = Some(Arc::clone(&stderr_tail));
-        output.push(tokio::spawn(
-            forward_lines(stderr, "stderr", tail).in_current_span(),
-        ));
+        output.push(tokio::spawn(forward_lines(stderr, "stderr", tail).in_current_span()));
     }
-    Ok(Spawned {
-        child,
-        pid,
-        channel,
-        stderr_tail,
-        output,
-    })
+    Ok(Spawned { child, pid, channel, stderr_tail, output, cgroup, sandbox_gaps })
 }
 
-fn build_command(spec: &PluginSpec, channel_fd: i32) -> Command {
+fn build_command(spec: &PluginSpec, channel_fd: i32, sandbox: &Prepared) -> Command {
     let mut command = Command::new(&spec.command);
     command
         .args(&spec.args)
-        .envs(&spec.env)
+        .env_clear()
+        .envs(sandbox::environment(spec))
         .env(CHANNEL_FD_ENV, CHANNEL_FD.to_string())
         .env(LOG_LEVEL_ENV, &spec.log_level)
         .stdin(Stdio::null())
@@ -143,6 +150,9 @@ fn build_command(spec: &PluginSpec, channel_fd: i32) -> Command {
             }
             Ok(())
         });
+        // SAFETY: see `Prepared::child_setup`, which documents that its
+        // closure makes only async-signal-safe calls.
+        command.pre_exec(sandbox.child_setup());
     }
     command
 }

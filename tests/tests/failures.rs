@@ -22,7 +22,10 @@ async fn wait_for_replacement(supervisor: &Supervisor, plugin: &str, old_pid: u3
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
-    replaced.await.expect("plugin was not replaced")
+    match replaced.await {
+        Ok(pid) => pid,
+        Err(_) => panic!("{plugin} was not replaced; status: {:#?}", supervisor.status(plugin)),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
