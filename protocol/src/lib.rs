@@ -8,11 +8,14 @@
 //!
 //! Layout:
 //! - [`codec`]: the body encoding (bincode, hidden behind two functions);
+//! - [`control`]: the daemon's control socket: the CLI's requests and the
+//!   daemon's answers;
 //! - [`frame`]: length-prefixed frames with a size limit;
 //! - [`message`]: the messages and the handshake compatibility check;
 //! - [`payload`]: call payloads tagged with their encoding.
 
 pub mod codec;
+pub mod control;
 pub mod frame;
 pub mod message;
 pub mod payload;

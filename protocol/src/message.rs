@@ -44,7 +44,7 @@ LogLevel=Error|Warn|Info|Debug|Trace";
 /// FNV-1a (64-bit) of [`SCHEMA`].
 pub const SCHEMA_FINGERPRINT: u64 = fnv1a(SCHEMA.as_bytes());
 
-const fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) const fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     let mut i = 0;
     while i < bytes.len() {

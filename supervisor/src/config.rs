@@ -83,24 +83,20 @@ impl Config {
     /// [`ConfigError::Invalid`] for a syntax error, an unknown field, a bad
     /// value or a repeated plugin name.
     pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Config, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            origin: origin.to_owned(),
-            message,
-        };
-        let file: ConfigFile = toml::from_str(text).map_err(|err| invalid(err.to_string()))?;
-
-        let mut plugins: Vec<PluginSpec> = Vec::with_capacity(file.plugin.len());
-        for entry in file.plugin {
-            if entry.name.trim().is_empty() {
-                return Err(invalid("a plugin has an empty name".to_owned()));
+        // One parser for the whole file, shared with the daemon, which also
+        // reads the `[daemon]` section and wants every problem, not the first.
+        match crate::daemon::document::parse(text, origin, base) {
+            Ok(document) => Ok(Config {
+                plugins: document.plugins.into_iter().map(|p| p.spec).collect(),
+            }),
+            Err(problems) => {
+                let messages: Vec<String> = problems.iter().map(|p| p.without_file()).collect();
+                Err(ConfigError::Invalid {
+                    origin: origin.to_owned(),
+                    message: messages.join("; "),
+                })
             }
-            if plugins.iter().any(|p| p.name == entry.name) {
-                return Err(invalid(format!("plugin {:?} is defined twice", entry.name)));
-            }
-            let spec = entry.into_spec(base).map_err(invalid)?;
-            plugins.push(spec);
         }
-        Ok(Config { plugins })
     }
 
     /// The plugin called `name`.
@@ -111,7 +107,7 @@ impl Config {
 
 /// The directory of the running executable, where the example plugins are
 /// built beside `aurora`.
-fn executable_dir() -> PathBuf {
+pub(crate) fn executable_dir() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(Path::to_owned))
@@ -120,16 +116,22 @@ fn executable_dir() -> PathBuf {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ConfigFile {
+pub(crate) struct PluginEntry {
+    pub(crate) name: String,
+    pub(crate) command: PathBuf,
+    /// The semver version the plugin must report; required in manifests.
+    pub(crate) version: Option<String>,
+    /// Whether the process waits for the first call.
+    pub(crate) lazy: Option<bool>,
+    /// A duration, or `"off"`.
+    pub(crate) idle_timeout: Option<String>,
+    /// Other plugins this one needs: name to semver range. Read (and
+    /// taken) by the daemon's resolver before `into_spec`.
     #[serde(default)]
-    plugin: Vec<PluginEntry>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PluginEntry {
-    name: String,
-    command: PathBuf,
+    pub(crate) requires: BTreeMap<String, String>,
+    /// The range of Aurora protocol versions the plugin speaks; taken by the
+    /// resolver like `requires`.
+    pub(crate) protocol: Option<String>,
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
@@ -173,12 +175,37 @@ struct RestartEntry {
 const MIN_MAX_FRAME: u32 = 4096;
 
 impl PluginEntry {
-    fn into_spec(self, base: &Path) -> Result<PluginSpec, String> {
+    /// The spec this entry describes, starting from `template` (the
+    /// config's `[defaults]`) for every field the entry leaves out.
+    pub(crate) fn into_spec(
+        self,
+        base: &Path,
+        template: &PluginSpec,
+    ) -> Result<PluginSpec, String> {
         let name = self.name;
-        let mut spec = PluginSpec::new(name.clone(), resolve_command(&self.command, base));
+        let mut spec = PluginSpec {
+            name: name.clone(),
+            command: resolve_command(&self.command, base),
+            ..template.clone()
+        };
         spec.args = self.args;
-        spec.env = self.env;
-        spec.cwd = self.cwd.map(|cwd| base.join(cwd));
+        spec.env.extend(self.env);
+        if let Some(cwd) = self.cwd {
+            spec.cwd = Some(base.join(cwd));
+        }
+        set(&mut spec.lazy, self.lazy);
+        if let Some(interval) = self.idle_timeout {
+            spec.idle_timeout = match interval.as_str() {
+                "off" => None,
+                text => Some(parse_duration(text).map_err(|e| format!("plugin {name:?}: {e}"))?),
+            };
+        }
+        if let Some(version) = self.version {
+            let parsed = semver::Version::parse(&version).map_err(|err| {
+                format!("plugin {name:?}: version {version:?} is not a semver version: {err}")
+            })?;
+            spec.version = Some(parsed);
+        }
 
         set(&mut spec.call_timeout, self.call_timeout);
         set(&mut spec.handshake_timeout, self.handshake_timeout);
@@ -236,7 +263,7 @@ fn set<T>(field: &mut T, value: Option<T>) {
 
 /// Finds a plugin executable: absolute paths as given, paths with a slash
 /// relative to `base`, bare names beside `aurora` if there, else on PATH.
-fn resolve_command(command: &Path, base: &Path) -> PathBuf {
+pub(crate) fn resolve_command(command: &Path, base: &Path) -> PathBuf {
     if command.is_absolute() {
         return command.to_owned();
     }
@@ -250,7 +277,7 @@ fn resolve_command(command: &Path, base: &Path) -> PathBuf {
     command.to_owned()
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|err| format!("{text:?} is not a duration: {err}"))
 }
 

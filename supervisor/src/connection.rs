@@ -51,6 +51,11 @@ pub(crate) enum HandshakeFailure {
     Incompatible(#[from] aurora_protocol::HandshakeError),
     #[error("handshake failed: {0}")]
     Frame(#[from] FrameError),
+    #[error("plugin reports version {reported:?} but its manifest declares {expected}")]
+    WrongVersion {
+        reported: String,
+        expected: semver::Version,
+    },
 }
 
 /// The calls in flight on a connection.
@@ -98,10 +103,13 @@ impl ConnectionTasks {
 
 impl Connection {
     /// Reads the plugin's hello from `channel`, answers it, and starts the
-    /// reader and writer. The caller bounds this with the handshake timeout.
+    /// reader and writer. A plugin whose hello reports a version other than
+    /// `expected_version` (when given) is refused. The caller bounds this
+    /// with the handshake timeout.
     pub(crate) async fn handshake(
         channel: UnixStream,
         max_frame: u32,
+        expected_version: Option<&semver::Version>,
     ) -> Result<(Arc<Connection>, ConnectionTasks), HandshakeFailure> {
         let (read_half, mut write_half) = channel.into_split();
         let mut reader = FrameReader::new(read_half, max_frame);
@@ -111,7 +119,10 @@ impl Connection {
             None => return Err(HandshakeFailure::Closed),
         };
 
-        let verdict = hello.check_compatible();
+        let verdict = hello
+            .check_compatible()
+            .map_err(HandshakeFailure::from)
+            .and_then(|()| check_version(&hello.version, expected_version));
         let answer = match &verdict {
             Ok(()) => HostMessage::Welcome(Welcome {
                 protocol: PROTOCOL_VERSION,
@@ -285,6 +296,29 @@ impl Connection {
     }
 }
 
+/// Whether a reported version is the expected one. Build metadata is
+/// ignored, as semver says it does not distinguish versions.
+fn check_version(
+    reported: &str,
+    expected: Option<&semver::Version>,
+) -> Result<(), HandshakeFailure> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let same = semver::Version::parse(reported).is_ok_and(|version| {
+        let core = (version.major, version.minor, version.patch);
+        core == (expected.major, expected.minor, expected.patch) && version.pre == expected.pre
+    });
+    if same {
+        Ok(())
+    } else {
+        Err(HandshakeFailure::WrongVersion {
+            reported: reported.to_owned(),
+            expected: expected.clone(),
+        })
+    }
+}
+
 async fn read_loop(
     mut reader: FrameReader<OwnedReadHalf>,
     connection: Arc<Connection>,
@@ -360,6 +394,23 @@ fn emit_plugin_log(record: LogRecord) {
         }
         LogLevel::Trace => {
             tracing::trace!(source = "plugin", plugin_target = %target, fields, "{message}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_must_match_except_for_build_metadata() {
+        let expected = semver::Version::parse("1.2.3-rc.1").unwrap();
+        assert!(check_version("anything", None).is_ok());
+        assert!(check_version("1.2.3-rc.1", Some(&expected)).is_ok());
+        assert!(check_version("1.2.3-rc.1+build.7", Some(&expected)).is_ok());
+        for reported in ["1.2.3", "1.2.4-rc.1", "one"] {
+            let err = check_version(reported, Some(&expected)).unwrap_err();
+            assert!(err.to_string().contains("1.2.3-rc.1"), "{err}");
         }
     }
 }

@@ -30,4 +30,7 @@ pub enum EventKind {
     Failed { reason: String },
     /// The plugin was stopped on request, and its process reaped.
     Stopped { exit: Option<ExitReason> },
+    /// The plugin has no process and waits for a call to start one: it is
+    /// lazy and not yet called, or went `idle_timeout` without calls.
+    Idle,
 }

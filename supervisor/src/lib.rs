@@ -26,11 +26,14 @@
 //!   the fork and applied in the child, plus the guardian that kills every
 //!   plugin if the supervisor is killed outright;
 //! - `backoff.rs`: restart delays and the restart budget;
-//! - [`config`]: the TOML config the `aurora` binary reads.
+//! - [`config`]: the TOML config the `aurora` binary reads;
+//! - [`daemon`]: `aurora run` as a service: discovery, dependencies, the
+//!   control socket, systemd notification, per-plugin log rings.
 
 mod backoff;
 pub mod config;
 mod connection;
+pub mod daemon;
 mod error;
 mod event;
 mod plugin;

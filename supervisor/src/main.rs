@@ -1,17 +1,27 @@
-//! `aurora`: run the supervisor in the foreground, or make one call to a
-//! plugin from the command line.
+//! `aurora`: run the daemon, check a config, or drive a running daemon
+//! from the shell.
 //!
-//! Exit codes: 0 success; 1 the call or the supervisor failed; 2 bad usage,
-//! config or input (unknown plugin or method, invalid JSON); 3 the call
-//! timed out.
+//! Exit codes: 0 success; 1 the command failed (a failed call, a plugin
+//! that would not start, a daemon that could not run); 2 bad usage, config
+//! or input (unknown plugin or method, invalid JSON, problems found by
+//! `check`); 3 a call timed out; 4 no daemon could be reached (none is
+//! running, or the socket's permissions keep the caller out).
 
-use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+mod cli;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use aurora_supervisor::config::Config;
+use aurora_protocol::control::{ControlCommand, ControlErrorKind, ControlResponse};
+use aurora_supervisor::daemon::client::{self, ClientError};
+use aurora_supervisor::daemon::document::Problem;
+use aurora_supervisor::daemon::logs::LogStore;
+use aurora_supervisor::daemon::notify::Notifier;
+use aurora_supervisor::daemon::settings::{LogFormat, default_socket};
+use aurora_supervisor::daemon::{self, DaemonOptions, Loaded};
 use aurora_supervisor::{CallError, Payload, Supervisor};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -24,27 +34,51 @@ use clap::{Parser, Subcommand, ValueEnum};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
-    log_format: LogFormat,
+    /// Log format on stderr (default: the config's `log_format`, else human;
+    /// under systemd, human lines carry no timestamps).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatFlag>,
     /// Log filter, such as `info` or `aurora_supervisor=debug` (default: the
-    /// AURORA_LOG variable, else `info` for run and `error` for call).
+    /// AURORA_LOG variable, else the config's `log`, else `info` for run and
+    /// `error` for the other commands).
     #[arg(long, global = true)]
     log: Option<String>,
+    /// The daemon's control socket (default: the AURORA_SOCKET variable,
+    /// else /run/aurora/control.sock as root and
+    /// $XDG_RUNTIME_DIR/aurora/control.sock otherwise).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the supervisor with the plugins of a config until Ctrl-C or SIGTERM.
+    /// Run the daemon: start the plugins of the config and the plugins
+    /// directory, serve the control socket, stop on SIGTERM or SIGINT,
+    /// reload on SIGHUP.
     Run {
         /// The config file; without one, the embedded default serves the
         /// example plugins.
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Start one plugin, make one call with a JSON request, print the JSON
-    /// reply, and stop.
+    /// Check the config and every manifest, print every problem, start
+    /// nothing.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Show the daemon and each plugin: state, version, pid, uptime,
+    /// restarts, calls, errors, memory and CPU.
+    Status {
+        /// Print the daemon's report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call a method with a JSON request and print the JSON reply. Goes
+    /// through the running daemon; with `--config`, starts the plugin itself
+    /// for this one call instead.
     Call {
+        /// Start the plugin from this config for one call, without a daemon.
         #[arg(long)]
         config: Option<PathBuf>,
         /// The call's deadline, such as `200ms` or `5s` (default: the plugin's
@@ -56,10 +90,32 @@ enum Command {
         /// The request as JSON; `null` when left out.
         json: Option<String>,
     },
+    /// Start a stopped, failed or idle plugin and wait until it is ready.
+    Start { plugin: String },
+    /// Stop a plugin; it stays stopped until started.
+    Stop { plugin: String },
+    /// Stop a plugin if it runs and start it afresh.
+    Restart { plugin: String },
+    /// Re-read the config and manifests and apply the difference (like
+    /// SIGHUP); with a plugin, only for it, restarting it even if unchanged.
+    Reload { plugin: Option<String> },
+    /// Print a plugin's recent log lines: its stdout, stderr, forwarded
+    /// records and lifecycle.
+    Logs {
+        plugin: String,
+        /// How many lines.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: u32,
+        /// Keep printing new lines until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Stop every plugin and the daemon.
+    Shutdown,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
+enum LogFormatFlag {
     Human,
     Json,
 }
@@ -71,145 +127,331 @@ enum Refusal {
     Usage(String),
     #[error("{0}")]
     Timeout(String),
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 fn main() -> ExitCode {
+    // SAFETY: nothing else runs yet: the runtime and every other thread are
+    // created later, in `run`.
+    let notifier = unsafe { Notifier::take_from_env() };
     let cli = Cli::parse();
-    let default_filter = match cli.command {
-        Command::Run { .. } => "info",
-        Command::Call { .. } => "error",
-    };
-    init_logging(cli.log_format, cli.log.as_deref(), default_filter);
 
-    match run(cli.command) {
+    match run(cli, notifier) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("aurora: {err:#}");
             match err.downcast_ref::<Refusal>() {
                 Some(Refusal::Usage(_)) => ExitCode::from(2),
                 Some(Refusal::Timeout(_)) => ExitCode::from(3),
+                Some(Refusal::Unreachable(_)) => ExitCode::from(4),
                 None => ExitCode::FAILURE,
             }
         }
     }
 }
 
-fn init_logging(format: LogFormat, flag: Option<&str>, default_filter: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = flag
-        .map(str::to_owned)
-        .or_else(|| std::env::var("AURORA_LOG").ok())
-        .unwrap_or_else(|| default_filter.to_owned());
-    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|err| {
-        eprintln!("aurora: ignoring log filter {filter:?}: {err}");
-        EnvFilter::new(default_filter)
+fn run(cli: Cli, notifier: Notifier) -> anyhow::Result<()> {
+    let Cli {
+        command,
+        log_format,
+        log,
+        socket,
+    } = cli;
+    let flag_format = log_format.map(|format| match format {
+        LogFormatFlag::Human => LogFormat::Human,
+        LogFormatFlag::Json => LogFormat::Json,
     });
-    let colour = std::io::stderr().is_terminal();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
+    let filter_from_env = log.or_else(|| std::env::var("AURORA_LOG").ok());
 
-fn run(command: Command) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    if let Command::Run { config } = command {
+        return run_daemon(config, socket, notifier, flag_format, filter_from_env);
+    }
+    let filter = filter_from_env.unwrap_or_else(|| "error".to_owned());
+    cli::logging::init(
+        flag_format.unwrap_or(LogFormat::Human),
+        &filter,
+        "error",
+        None,
+    );
+
+    let socket = socket.unwrap_or_else(default_socket);
+    let runtime = runtime()?;
     match command {
-        Command::Run { config } => runtime.block_on(serve(load_config(config)?)),
+        Command::Run { .. } => unreachable!("handled above"),
+        Command::Check { config } => check(config.as_deref()),
+        Command::Status { json } => runtime.block_on(status(&socket, json)),
         Command::Call {
-            config,
+            config: Some(config),
             timeout,
             plugin,
             method,
             json,
         } => {
-            let config = load_config(config)?;
+            let loaded = load_or_refuse(Some(&config))?;
             runtime.block_on(call_once(
-                config,
+                &loaded,
                 timeout,
                 &plugin,
                 &method,
                 json.as_deref(),
+                None,
             ))
         }
-    }
-}
-
-fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
-    let config = match path {
-        Some(path) => Config::load(&path),
-        None => Config::embedded_default(),
-    };
-    config.map_err(|err| Refusal::Usage(err.to_string()).into())
-}
-
-/// `aurora run`: start every plugin, then wait for a signal to stop.
-async fn serve(config: Config) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-
-    let supervisor = Supervisor::new();
-    for spec in &config.plugins {
-        supervisor.add(spec.clone())?;
-    }
-    for spec in &config.plugins {
-        match supervisor
-            .wait_ready(&spec.name, spec.handshake_timeout * 2)
-            .await
-        {
-            Ok(()) => {}
-            Err(err) => tracing::warn!(%err, "plugin not ready yet; it keeps restarting by policy"),
+        Command::Call {
+            config: None,
+            timeout,
+            plugin,
+            method,
+            json,
+        } => runtime.block_on(call(&socket, timeout, &plugin, &method, json.as_deref())),
+        Command::Start { plugin } => {
+            runtime.block_on(simple(&socket, ControlCommand::Start { plugin }))
         }
+        Command::Stop { plugin } => {
+            runtime.block_on(simple(&socket, ControlCommand::Stop { plugin }))
+        }
+        Command::Restart { plugin } => {
+            runtime.block_on(simple(&socket, ControlCommand::Restart { plugin }))
+        }
+        Command::Reload { plugin } => {
+            runtime.block_on(simple(&socket, ControlCommand::Reload { plugin }))
+        }
+        Command::Logs {
+            plugin,
+            lines,
+            follow,
+        } => runtime.block_on(logs(&socket, plugin, lines, follow)),
+        Command::Shutdown => runtime.block_on(simple(&socket, ControlCommand::Shutdown)),
     }
-    let ready = supervisor
-        .statuses()
-        .iter()
-        .filter(|s| s.state.name() == "ready")
-        .count();
-    tracing::info!(
-        ready,
-        total = config.plugins.len(),
-        "aurora is running; Ctrl-C stops it"
-    );
-
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received; stopping"),
-        _ = interrupt.recv() => tracing::info!("SIGINT received; stopping"),
-    }
-    supervisor.shutdown().await;
-    tracing::info!("every plugin stopped");
-    Ok(())
 }
 
-/// `aurora call`: one plugin, one call, one reply on stdout.
-async fn call_once(
-    config: Config,
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Loads the config and manifests, or refuses with every problem.
+fn load_or_refuse(config: Option<&Path>) -> anyhow::Result<Loaded> {
+    daemon::load(config).map_err(|problems| Refusal::Usage(problem_list(&problems)).into())
+}
+
+fn problem_list(problems: &[Problem]) -> String {
+    let count = problems.len();
+    let plural = if count == 1 { "" } else { "s" };
+    let mut text =
+        format!("{count} problem{plural} in the config and manifests; nothing was started:");
+    for problem in problems {
+        text.push_str("\n  ");
+        text.push_str(&problem.to_string());
+    }
+    text
+}
+
+/// `aurora run`.
+fn run_daemon(
+    config: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    notifier: Notifier,
+    flag_format: Option<LogFormat>,
+    filter_from_env: Option<String>,
+) -> anyhow::Result<()> {
+    let loaded = match daemon::load(config.as_deref()) {
+        Ok(loaded) => loaded,
+        Err(problems) => {
+            notifier.status("refusing to start: the config has problems");
+            return Err(Refusal::Usage(problem_list(&problems)).into());
+        }
+    };
+    let settings = &loaded.settings;
+    let format = flag_format
+        .or(settings.log_format)
+        .unwrap_or(LogFormat::Human);
+    let filter = filter_from_env
+        .or_else(|| settings.log_filter.clone())
+        .unwrap_or_else(|| "info".to_owned());
+    let logs = LogStore::new(settings.log_lines);
+    cli::logging::init(format, &filter, "info", Some(&logs));
+
+    let options = DaemonOptions {
+        config,
+        socket,
+        notifier,
+        logs,
+    };
+    let runtime = runtime()?;
+    runtime
+        .block_on(daemon::run(loaded, options))
+        .map_err(anyhow::Error::from)
+}
+
+/// `aurora check`.
+fn check(config: Option<&Path>) -> anyhow::Result<()> {
+    let loaded = load_or_refuse(config)?;
+    let plan = &loaded.plan;
+    let mut out = format!(
+        "{}: {} plugin{}, {} from manifests under {}\n",
+        loaded.source,
+        plan.plugins.len(),
+        if plan.plugins.len() == 1 { "" } else { "s" },
+        loaded.manifests.len(),
+        loaded.settings.plugins_dir.display()
+    );
+    for definition in &plan.plugins {
+        let spec = &definition.spec;
+        let version = spec
+            .version
+            .as_ref()
+            .map_or_else(String::new, |v| format!(" {v}"));
+        let lazy = if spec.lazy { ", lazy" } else { "" };
+        let requires: Vec<String> = definition
+            .requires
+            .iter()
+            .map(|r| format!("{} {}", r.name, r.versions))
+            .collect();
+        let requires = if requires.is_empty() {
+            String::new()
+        } else {
+            format!(", requires {}", requires.join(", "))
+        };
+        out.push_str(&format!(
+            "  {}{version} ({}{lazy}{requires})\n",
+            spec.name, definition.origin
+        ));
+    }
+    out.push_str("no problems found\n");
+    print_out(out.as_bytes())
+}
+
+/// Turns a client error into the refusal that gives its exit code.
+fn client_failure(err: ClientError) -> anyhow::Error {
+    let message = err.to_string();
+    let refusal = match &err {
+        ClientError::NotRunning { .. }
+        | ClientError::PermissionDenied { .. }
+        | ClientError::Connect { .. } => Refusal::Unreachable(message),
+        ClientError::Refused(error) => match error.kind {
+            ControlErrorKind::UnknownPlugin
+            | ControlErrorKind::UnknownMethod
+            | ControlErrorKind::BadRequest
+            | ControlErrorKind::InvalidConfig => Refusal::Usage(message),
+            ControlErrorKind::Timeout => Refusal::Timeout(message),
+            ControlErrorKind::Refused => Refusal::Unreachable(message),
+            ControlErrorKind::Incompatible | ControlErrorKind::Failed => {
+                return anyhow::Error::from(err);
+            }
+        },
+        _ => return anyhow::Error::from(err),
+    };
+    refusal.into()
+}
+
+/// Sends `command` and prints the one answer.
+async fn simple(socket: &Path, command: ControlCommand) -> anyhow::Result<()> {
+    let response = client::send(socket, command)
+        .await
+        .map_err(client_failure)?
+        .single()
+        .await
+        .map_err(client_failure)?;
+    let text = match response {
+        ControlResponse::Done { message } => format!("{message}\n"),
+        ControlResponse::Reloaded(summary) => cli::output::reload_summary(&summary),
+        other => anyhow::bail!("the daemon gave an unexpected answer: {other:?}"),
+    };
+    print_out(text.as_bytes())
+}
+
+async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let response = client::send(socket, ControlCommand::Status)
+        .await
+        .map_err(client_failure)?
+        .single()
+        .await
+        .map_err(client_failure)?;
+    let ControlResponse::Status(status) = response else {
+        anyhow::bail!("the daemon gave an unexpected answer: {response:?}");
+    };
+    let text = if json {
+        let mut text = serde_json::to_string_pretty(&status).context("cannot print JSON")?;
+        text.push('\n');
+        text
+    } else {
+        cli::output::status_table(&status)
+    };
+    print_out(text.as_bytes())
+}
+
+fn check_json(request: &str) -> anyhow::Result<()> {
+    match serde_json::from_str::<serde::de::IgnoredAny>(request) {
+        Ok(_) => Ok(()),
+        Err(err) => Err(Refusal::Usage(format!("the request is not valid JSON: {err}")).into()),
+    }
+}
+
+/// `aurora call` through the daemon. With no daemon running it falls back
+/// to the one-shot form with the embedded default config, as `aurora call`
+/// did before there was a daemon, so existing scripts keep working.
+async fn call(
+    socket: &Path,
     timeout: Option<Duration>,
     plugin: &str,
     method: &str,
     json: Option<&str>,
 ) -> anyhow::Result<()> {
-    let Some(spec) = config.plugin(plugin) else {
-        let known: Vec<&str> = config.plugins.iter().map(|p| p.name.as_str()).collect();
-        let message = format!(
+    let request = json.unwrap_or("null");
+    check_json(request)?;
+    let command = ControlCommand::Call {
+        plugin: plugin.to_owned(),
+        method: method.to_owned(),
+        payload: Payload::json(request.as_bytes().to_vec()),
+        timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+    };
+    let response = match client::send(socket, command).await {
+        Ok(response) => response.single().await,
+        Err(ClientError::NotRunning { socket }) => {
+            let loaded = load_or_refuse(None)?;
+            let note = format!(
+                "no daemon is running at {}, so the embedded default config was used",
+                socket.display()
+            );
+            return call_once(&loaded, timeout, plugin, method, json, Some(&note)).await;
+        }
+        Err(err) => Err(err),
+    };
+    match response.map_err(client_failure)? {
+        ControlResponse::Reply(reply) => print_reply(&reply.bytes),
+        other => anyhow::bail!("the daemon gave an unexpected answer: {other:?}"),
+    }
+}
+
+/// `aurora call --config`: one plugin, one call, one reply on stdout, no
+/// daemon. `note` explains, in an unknown-plugin error, why this config.
+async fn call_once(
+    loaded: &Loaded,
+    timeout: Option<Duration>,
+    plugin: &str,
+    method: &str,
+    json: Option<&str>,
+    note: Option<&str>,
+) -> anyhow::Result<()> {
+    let Some(definition) = loaded.plan.get(plugin) else {
+        let known: Vec<&str> = loaded.plan.names().collect();
+        let mut message = format!(
             "no plugin named {plugin:?}; the config has: {}",
             known.join(", ")
         );
+        if let Some(note) = note {
+            message.push_str(&format!(" ({note})"));
+        }
         return Err(Refusal::Usage(message).into());
     };
+    let spec = &definition.spec;
     let request = json.unwrap_or("null");
-    if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(request) {
-        return Err(Refusal::Usage(format!("the request is not valid JSON: {err}")).into());
-    }
+    check_json(request)?;
 
     let supervisor = Supervisor::new();
     supervisor.add(spec.clone())?;
@@ -232,17 +474,50 @@ async fn call_once(
     print_reply(&reply.bytes)
 }
 
+async fn logs(socket: &Path, plugin: String, lines: u32, follow: bool) -> anyhow::Result<()> {
+    let command = ControlCommand::Logs {
+        plugin,
+        lines,
+        follow,
+    };
+    let mut response = client::send(socket, command)
+        .await
+        .map_err(client_failure)?;
+    while let Some(answer) = response.next().await.map_err(client_failure)? {
+        match answer {
+            ControlResponse::Log(line) => {
+                let mut text = cli::output::log_line(&line);
+                text.push('\n');
+                if !write_out(text.as_bytes())? {
+                    return Ok(());
+                }
+            }
+            ControlResponse::EndOfLogs => return Ok(()),
+            other => anyhow::bail!("the daemon gave an unexpected answer: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
 /// Prints the reply; a closed stdout (`aurora call ... | head -c0`) is not an
 /// error worth reporting.
 fn print_reply(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut line = bytes.to_vec();
+    line.push(b'\n');
+    print_out(&line)
+}
+
+fn print_out(bytes: &[u8]) -> anyhow::Result<()> {
+    write_out(bytes).map(|_| ())
+}
+
+/// Writes to stdout; `false` when the reader has gone away, which ends the
+/// command cleanly.
+fn write_out(bytes: &[u8]) -> anyhow::Result<bool> {
     let mut stdout = std::io::stdout().lock();
-    let written = stdout
-        .write_all(bytes)
-        .and_then(|()| stdout.write_all(b"\n"));
-    match written.and_then(|()| stdout.flush()) {
-        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(err).context("cannot write the reply")
-        }
-        _ => Ok(()),
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(err) => Err(err).context("cannot write to stdout"),
     }
 }

@@ -56,6 +56,10 @@ const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
 /// Where a plugin is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PluginState {
+    /// No process, and none until a call arrives: a lazy plugin before its
+    /// first call, or a plugin stopped after `idle_timeout` without calls.
+    /// A call starts it and waits.
+    Idle,
     /// A process is being spawned and handshaken. Calls wait.
     Starting,
     /// Calls are being served.
@@ -75,6 +79,7 @@ impl PluginState {
     /// The state's name as it appears in status output.
     pub fn name(&self) -> &'static str {
         match self {
+            PluginState::Idle => "idle",
             PluginState::Starting => "starting",
             PluginState::Ready => "ready",
             PluginState::Stopping => "stopping",
@@ -111,6 +116,9 @@ pub struct PluginStatus {
     /// Processes started so far; restarts are this minus one.
     pub generation: u64,
     pub uptime: Option<Duration>,
+    /// Calls made to the plugin, and how many of them failed.
+    pub calls: u64,
+    pub errors: u64,
     /// Parts of the sandbox the kernel could not enforce; empty when all of
     /// it holds.
     pub sandbox_gaps: Vec<String>,
@@ -120,6 +128,9 @@ pub struct PluginStatus {
 pub(crate) enum Control {
     /// Stop the process gracefully and stay stopped.
     Stop { done: oneshot::Sender<()> },
+    /// A call is waiting for an idle plugin: start it. Ignored in any other
+    /// state, so callers may send it freely.
+    Wake,
     /// Stop the process if running, forget past failures, start afresh.
     Restart { done: oneshot::Sender<()> },
 }
@@ -130,6 +141,7 @@ pub(crate) struct PluginHandle {
     status: watch::Receiver<Status>,
     control: mpsc::UnboundedSender<Control>,
     permits: Semaphore,
+    activity: Arc<idle::Activity>,
     /// How to kill the running process tree without the task, for drops
     /// that cannot wait.
     reach: Arc<Mutex<Option<Reach>>>,
@@ -137,11 +149,25 @@ pub(crate) struct PluginHandle {
 }
 
 impl PluginHandle {
-    /// Starts the plugin's task, which spawns the process at once.
-    pub(crate) fn start(spec: PluginSpec, events: broadcast::Sender<Event>) -> PluginHandle {
+    /// Starts the plugin's task, which spawns the process at once (or, for
+    /// a lazy plugin, at the first call). When `gate` is given, the task
+    /// spawns nothing until it resolves (sent or dropped): a replacement
+    /// waits until the process it replaces is gone, a dependent until its
+    /// requirements are up. Calls made meanwhile wait as for a starting
+    /// plugin.
+    pub(crate) fn start_after(
+        spec: PluginSpec,
+        events: broadcast::Sender<Event>,
+        gate: Option<oneshot::Receiver<()>>,
+    ) -> PluginHandle {
         let spec = Arc::new(spec);
+        let initial = if spec.lazy {
+            PluginState::Idle
+        } else {
+            PluginState::Starting
+        };
         let (status_tx, status) = watch::channel(Status {
-            state: PluginState::Starting,
+            state: initial,
             connection: None,
             pid: None,
             generation: 0,
@@ -149,6 +175,7 @@ impl PluginHandle {
             sandbox_gaps: Vec::new(),
         });
         let (control, control_rx) = mpsc::unbounded_channel();
+        let activity = Arc::new(idle::Activity::default());
         let reach = Arc::new(Mutex::new(None));
         let task = PluginTask {
             spec: Arc::clone(&spec),
@@ -157,6 +184,8 @@ impl PluginHandle {
             events,
             reach: Arc::clone(&reach),
             backoff: Backoff::new(spec.restart.clone()),
+            activity: Arc::clone(&activity),
+            gate,
         };
         let span = tracing::info_span!("plugin", name = %spec.name);
         let task = tokio::spawn(task.run().instrument(span));
@@ -166,6 +195,7 @@ impl PluginHandle {
             status,
             control,
             permits,
+            activity,
             reach,
             task,
         }
@@ -186,22 +216,28 @@ impl PluginHandle {
             methods: hello.map(|h| h.methods.clone()).unwrap_or_default(),
             generation: status.generation,
             uptime: status.started_at.map(|t| t.elapsed()),
+            calls: self.activity.calls(),
+            errors: self.activity.errors(),
             sandbox_gaps: status.sandbox_gaps.clone(),
         }
     }
 
-    /// Waits until the plugin is ready, failed or stopped, or `deadline`.
+    /// Waits until the plugin is ready (or idle, ready to start on demand),
+    /// failed or stopped, or `deadline`.
     pub(crate) async fn settled(&self, deadline: Instant) -> Result<(), String> {
         let mut status = self.status.clone();
         let settled = status.wait_for(|s| {
             matches!(
                 s.state,
-                PluginState::Ready | PluginState::Failed { .. } | PluginState::Stopped
+                PluginState::Ready
+                    | PluginState::Idle
+                    | PluginState::Failed { .. }
+                    | PluginState::Stopped
             )
         });
         match tokio::time::timeout_at(deadline, settled).await {
             Ok(Ok(status)) => match &status.state {
-                PluginState::Ready => Ok(()),
+                PluginState::Ready | PluginState::Idle => Ok(()),
                 PluginState::Failed { reason } => Err(reason.clone()),
                 other => Err(format!("it is {}", other.name())),
             },
@@ -226,8 +262,25 @@ impl PluginHandle {
         self.task.abort();
     }
 
-    /// Runs one call, waiting for the plugin to be ready if need be.
+    /// Runs one call, waiting for the plugin to be ready (and starting it,
+    /// when idle) if need be.
     pub(crate) async fn call(
+        &self,
+        method: &str,
+        payload: Payload,
+        timeout: Option<Duration>,
+    ) -> Result<Payload, CallError> {
+        // Counted as activity from the start, so the plugin is not stopped
+        // for idleness while this call waits for a permit or a process.
+        let _busy = self.activity.begin();
+        let result = self.call_counted(method, payload, timeout).await;
+        if result.is_err() {
+            self.activity.failed();
+        }
+        result
+    }
+
+    async fn call_counted(
         &self,
         method: &str,
         payload: Payload,
@@ -332,6 +385,11 @@ impl PluginHandle {
                             plugin: plugin.clone(),
                         });
                     }
+                    PluginState::Idle => {
+                        // The task may be gone already; then the wait
+                        // below ends with `PluginStopped`.
+                        let _ = self.control.send(Control::Wake);
+                    }
                     PluginState::Starting
                     | PluginState::Stopping
                     | PluginState::BackingOff { .. } => {}
@@ -389,6 +447,8 @@ enum Ended {
     Restarted { done: oneshot::Sender<()> },
     /// The handle went away; the process has been stopped.
     Abandoned,
+    /// No call came for `idle_timeout`; the process has been stopped.
+    Idled,
 }
 
 /// How to get an exit status from a process that is going away.
@@ -414,10 +474,20 @@ struct PluginTask {
     events: broadcast::Sender<Event>,
     reach: Arc<Mutex<Option<Reach>>>,
     backoff: Backoff,
+    activity: Arc<idle::Activity>,
+    /// Resolves when the task may spawn its first process.
+    gate: Option<oneshot::Receiver<()>>,
 }
 
 impl PluginTask {
     async fn run(mut self) {
+        if let Some(gate) = self.gate.take() {
+            // Sent or dropped, either way the way is clear.
+            let _ = gate.await;
+        }
+        if self.spec.lazy && matches!(self.stay_idle().await, Next::Exit) {
+            return;
+        }
         loop {
             let ended = match self.start().await {
                 Ok(running) => self.serve(running).await,
@@ -435,6 +505,7 @@ impl PluginTask {
                 }
                 Ended::Restarted { done } => self.restart_requested(done),
                 Ended::Abandoned => Next::Exit,
+                Ended::Idled => self.stay_idle().await,
             };
             if let Next::Exit = next {
                 return;
@@ -488,7 +559,11 @@ impl PluginTask {
 
         let handshake = tokio::time::timeout(
             self.spec.handshake_timeout,
-            Connection::handshake(spawned.channel, self.spec.max_frame),
+            Connection::handshake(
+                spawned.channel,
+                self.spec.max_frame,
+                self.spec.version.as_ref(),
+            ),
         );
         let failure = match handshake.await {
             Ok(Ok(established)) => Ok(established),
@@ -545,6 +620,10 @@ impl PluginTask {
         });
         let mut ping: Option<(u64, Instant)> = None;
         let mut nonce = 0u64;
+        let mut idle_check = self
+            .spec
+            .idle_timeout
+            .map(|timeout| running.started_at + timeout);
 
         loop {
             let ping_deadline = ping.map(|(_, deadline)| deadline);
@@ -587,13 +666,27 @@ impl PluginTask {
                     );
                     return self.unresponsive(running, reason).await;
                 }
+                _ = sleep_until(idle_check), if idle_check.is_some() => {
+                    let timeout = self.spec.idle_timeout.expect("checked only with a timeout");
+                    idle_check = self.activity.busy_until(timeout, running.started_at);
+                    if idle_check.is_none() {
+                        tracing::info!(
+                            idle = %humantime::format_duration(timeout),
+                            "no calls for the idle timeout; stopping the plugin"
+                        );
+                        self.stop_gracefully(running).await;
+                        return Ended::Idled;
+                    }
+                }
                 control = self.control.recv() => {
-                    self.stop_gracefully(running).await;
-                    return match control {
+                    let ended = match control {
+                        Some(Control::Wake) => continue,
                         Some(Control::Stop { done }) => Ended::Stopped { done },
                         Some(Control::Restart { done }) => Ended::Restarted { done },
                         None => Ended::Abandoned,
                     };
+                    self.stop_gracefully(running).await;
+                    return ended;
                 }
             }
         }
@@ -772,16 +865,39 @@ impl PluginTask {
         tracing::info!(delay = %humantime::format_duration(delay), "restarting plugin after a delay");
         self.publish(PluginState::BackingOff { delay }, None);
         self.emit(EventKind::BackingOff { delay, restarts });
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => Next::Start,
-            control = self.control.recv() => match control {
-                Some(Control::Stop { done }) => {
-                    let _ = done.send(());
-                    self.stay_down(PluginState::Stopped).await
-                }
-                Some(Control::Restart { done }) => self.restart_requested(done),
-                None => Next::Exit,
-            },
+        let wait = tokio::time::sleep(delay);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => return Next::Start,
+                control = self.control.recv() => match control {
+                    Some(Control::Wake) => {}
+                    Some(Control::Stop { done }) => {
+                        let _ = done.send(());
+                        return self.stay_down(PluginState::Stopped).await;
+                    }
+                    Some(Control::Restart { done }) => return self.restart_requested(done),
+                    None => return Next::Exit,
+                },
+            }
+        }
+    }
+
+    /// Waits, with no process, for a call (or a start request) to need one.
+    async fn stay_idle(&mut self) -> Next {
+        self.publish(PluginState::Idle, None);
+        self.emit(EventKind::Idle);
+        match self.control.recv().await {
+            Some(Control::Wake) => {
+                tracing::info!("a call is waiting; starting the idle plugin");
+                Next::Start
+            }
+            Some(Control::Restart { done }) => self.restart_requested(done),
+            Some(Control::Stop { done }) => {
+                let _ = done.send(());
+                self.stay_down(PluginState::Stopped).await
+            }
+            None => Next::Exit,
         }
     }
 
@@ -809,6 +925,9 @@ impl PluginTask {
                 Some(Control::Stop { done }) => {
                     let _ = done.send(());
                 }
+                // A stopped or failed plugin is not woken by calls; they
+                // fail fast instead.
+                Some(Control::Wake) => {}
                 Some(Control::Restart { done }) => return self.restart_requested(done),
                 None => return Next::Exit,
             }
@@ -846,6 +965,76 @@ impl Reach {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// Counting a plugin's calls, which also tells when it has gone idle.
+mod idle {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    /// Calls to one plugin: how many, how many failed, and whether any is
+    /// in flight, which decides when an idle plugin is stopped.
+    #[derive(Default)]
+    pub(super) struct Activity {
+        calls: AtomicU64,
+        errors: AtomicU64,
+        in_flight: AtomicUsize,
+        /// When the latest call began or ended.
+        last: Mutex<Option<Instant>>,
+    }
+
+    impl Activity {
+        /// Records a call's start; the guard records its end.
+        pub(super) fn begin(&self) -> Busy<'_> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.in_flight.fetch_add(1, Ordering::AcqRel);
+            self.touch();
+            Busy(self)
+        }
+
+        pub(super) fn failed(&self) {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+
+        pub(super) fn calls(&self) -> u64 {
+            self.calls.load(Ordering::Relaxed)
+        }
+
+        pub(super) fn errors(&self) -> u64 {
+            self.errors.load(Ordering::Relaxed)
+        }
+
+        fn touch(&self) {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            *last = Some(Instant::now());
+        }
+
+        /// When to look again whether a process started at `started` has
+        /// gone `timeout` without calls; `None` when it has.
+        pub(super) fn busy_until(&self, timeout: Duration, started: Instant) -> Option<Instant> {
+            let now = Instant::now();
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                return Some(now + timeout);
+            }
+            let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+            let quiet_since = last.map_or(started, |last| last.max(started));
+            let idle_at = quiet_since + timeout;
+            (idle_at > now).then_some(idle_at)
+        }
+    }
+
+    /// A call in flight; dropping it ends the call's activity.
+    pub(super) struct Busy<'a>(&'a Activity);
+
+    impl Drop for Busy<'_> {
+        fn drop(&mut self) {
+            self.0.touch();
+            self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 fn snapshot(tail: &StderrTail) -> Vec<String> {

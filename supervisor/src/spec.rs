@@ -43,6 +43,14 @@ pub struct PluginSpec {
     pub restart: RestartPolicy,
     /// The most verbose level of the plugin's own logs to forward.
     pub log_level: String,
+    /// Whether the process waits, unstarted, for the first call.
+    pub lazy: bool,
+    /// Stop the process after this long without a call; the next call starts
+    /// it again. `None` keeps it running.
+    pub idle_timeout: Option<Duration>,
+    /// The version the plugin must report in its hello (its manifest's);
+    /// a process reporting another is refused. `None` accepts any.
+    pub version: Option<semver::Version>,
     /// Resource limits, enforced by rlimits and, where available, cgroups.
     pub limits: Limits,
     /// What the plugin may touch, enforced by Landlock and credentials.
@@ -68,6 +76,9 @@ impl PluginSpec {
             health_timeout: Duration::from_secs(5),
             restart: RestartPolicy::default(),
             log_level: "info".to_owned(),
+            lazy: false,
+            idle_timeout: None,
+            version: None,
             limits: Limits::default(),
             permissions: Permissions::default(),
         }

@@ -105,6 +105,9 @@ fn bad_requests_exit_with_code_2_and_say_why() {
     }
 }
 
+/// Numbers the control sockets of the daemons these tests start.
+static NEXT_SOCKET: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// `aurora run` in the background, with its stderr read line by line.
 struct Daemon {
     child: Child,
@@ -114,9 +117,17 @@ struct Daemon {
 
 impl Daemon {
     fn start(args: &[&str]) -> Daemon {
+        // A control socket of its own, so these daemons can run in parallel
+        // with each other and with any daemon on the machine.
+        let socket = std::env::temp_dir().join(format!(
+            "aurora-cli-{}-{}.sock",
+            std::process::id(),
+            NEXT_SOCKET.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let mut child = Command::new(binary("aurora"))
             .args(args)
             .env("AURORA_LOG", "info")
+            .env("AURORA_SOCKET", &socket)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
