@@ -21,7 +21,7 @@ pub const HEADER_LEN: usize = 4;
 /// How much the reader asks the socket for at a time. Small enough that a
 /// thousand idle plugins cost little, large enough that a burst of small
 /// frames is read in one system call.
-const READ_BUFFER: usize = 8 * 1024;
+const READ_BUFFER: usize = 4 * 1024;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -127,9 +127,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// A single large frame should not pin its buffer for the connection's
-    /// whole life.
+    /// whole life. Frames up to a mebibyte keep theirs: freeing and zeroing a
+    /// fresh buffer for every 64 KiB payload cost more than the payload.
     fn shrink_after_large_frame(&mut self, len: usize) {
-        const KEEP: usize = 64 * 1024;
+        const KEEP: usize = 1024 * 1024;
         if len > KEEP {
             self.body = Vec::new();
         }

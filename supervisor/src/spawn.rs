@@ -35,6 +35,9 @@ pub(crate) const STDERR_TAIL_LINES: usize = 20;
 /// newlines cannot grow the supervisor's memory.
 const MAX_LINE: usize = 4096;
 
+/// How much of a plugin's stdout or stderr is read at a time.
+const OUTPUT_BUFFER: usize = 1024;
+
 /// The last lines a plugin wrote to stderr.
 pub(crate) type StderrTail = Arc<Mutex<VecDeque<String>>>;
 
@@ -197,8 +200,10 @@ async fn forward_lines(
     name: &'static str,
     tail: Option<StderrTail>,
 ) {
-    let mut reader = BufReader::with_capacity(MAX_LINE, stream);
-    let mut line = Vec::with_capacity(256);
+    // A small read buffer: lines longer than it are assembled in `line`, and
+    // a supervisor with a thousand quiet plugins holds two of these each.
+    let mut reader = BufReader::with_capacity(OUTPUT_BUFFER, stream);
+    let mut line = Vec::new();
     loop {
         line.clear();
         match read_line_bounded(&mut reader, &mut line).await {
