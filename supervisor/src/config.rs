@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::spec::{PluginSpec, RestartMode, RestartPolicy};
+use crate::spec::{Enforcement, PluginSpec, RestartMode, RestartPolicy};
 
 /// The config used when none is given: the example plugins, found next to
 /// the `aurora` binary.
@@ -154,6 +154,85 @@ pub(crate) struct PluginEntry {
     log_level: Option<String>,
     #[serde(default)]
     restart: RestartEntry,
+    #[serde(default)]
+    limits: LimitsEntry,
+    #[serde(default)]
+    permissions: PermissionsEntry,
+}
+
+/// `[plugin.limits]`: each a number, a size such as `"256MiB"`, or
+/// `"unlimited"`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsEntry {
+    memory: Option<LimitValue>,
+    cpu_seconds: Option<LimitValue>,
+    open_files: Option<LimitValue>,
+    processes: Option<LimitValue>,
+    file_size: Option<LimitValue>,
+    core_dumps: Option<bool>,
+}
+
+/// `[plugin.permissions]`: lists replace the defaults' lists rather than
+/// adding to them, so an entry says exactly what it grants.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PermissionsEntry {
+    read: Option<Vec<PathBuf>>,
+    write: Option<Vec<PathBuf>>,
+    execute: Option<Vec<PathBuf>>,
+    connect_tcp: Option<Vec<u16>>,
+    bind_tcp: Option<Vec<u16>>,
+    pass_env: Option<Vec<String>>,
+    user: Option<String>,
+    group: Option<String>,
+    enforce: Option<Enforcement>,
+}
+
+/// A limit as written: a count, a size with a unit, or no limit.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LimitValue {
+    Number(u64),
+    Text(String),
+}
+
+impl LimitValue {
+    /// `None` for unlimited.
+    fn resolve(self, field: &str) -> Result<Option<u64>, String> {
+        let text = match self {
+            LimitValue::Number(n) => return Ok(Some(n)),
+            LimitValue::Text(text) => text,
+        };
+        if text == "unlimited" {
+            return Ok(None);
+        }
+        parse_size(&text).map(Some).ok_or_else(|| {
+            format!(
+                "{field} = {text:?} is not a number, a size such as \"256MiB\", or \"unlimited\""
+            )
+        })
+    }
+}
+
+/// Parses `"512"`, `"64KiB"`, `"256MiB"`, `"1GiB"` (and KB/MB/GB, which are
+/// read as powers of 1024 too: limits are about memory pages, not disks).
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits.parse().ok()?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "KiB" => 1 << 10,
+        "M" | "MB" | "MiB" => 1 << 20,
+        "G" | "GB" | "GiB" => 1 << 30,
+        "T" | "TB" | "TiB" => 1 << 40,
+        _ => return None,
+    };
+    number.checked_mul(scale)
 }
 
 #[derive(Deserialize, Default)]
@@ -251,6 +330,36 @@ impl PluginEntry {
         set(&mut policy.backoff_initial, restart.backoff_initial);
         set(&mut policy.backoff_max, restart.backoff_max);
         set(&mut policy.reset_after, restart.reset_after);
+
+        let in_plugin = |e: String| format!("plugin {name:?}: {e}");
+        let limits = self.limits;
+        let resolve = |value: Option<LimitValue>, field: &str, current: Option<u64>| {
+            value.map_or(Ok(current), |v| v.resolve(field).map_err(in_plugin))
+        };
+        spec.limits.memory = resolve(limits.memory, "memory", spec.limits.memory)?;
+        spec.limits.cpu_seconds =
+            resolve(limits.cpu_seconds, "cpu_seconds", spec.limits.cpu_seconds)?;
+        spec.limits.open_files = resolve(limits.open_files, "open_files", spec.limits.open_files)?;
+        spec.limits.processes = resolve(limits.processes, "processes", spec.limits.processes)?;
+        spec.limits.file_size = resolve(limits.file_size, "file_size", spec.limits.file_size)?;
+        set(&mut spec.limits.core_dumps, limits.core_dumps);
+
+        let granted = self.permissions;
+        let anchor = |paths: Vec<PathBuf>| paths.into_iter().map(|p| base.join(p)).collect();
+        let permissions = &mut spec.permissions;
+        set(&mut permissions.read, granted.read.map(anchor));
+        set(&mut permissions.write, granted.write.map(anchor));
+        set(&mut permissions.execute, granted.execute.map(anchor));
+        set(&mut permissions.connect_tcp, granted.connect_tcp);
+        set(&mut permissions.bind_tcp, granted.bind_tcp);
+        set(&mut permissions.pass_env, granted.pass_env);
+        set(&mut permissions.enforce, granted.enforce);
+        if granted.user.is_some() {
+            permissions.user = granted.user;
+        }
+        if granted.group.is_some() {
+            permissions.group = granted.group;
+        }
         Ok(spec)
     }
 }
@@ -312,7 +421,63 @@ mod tests {
             Some("hi")
         );
         assert_eq!(echo.restart.window, Duration::from_secs(60));
+        assert_eq!(echo.limits, crate::Limits::default());
+        assert_eq!(echo.permissions, crate::Permissions::default());
         assert!(config.plugin("wordcount").is_some());
+    }
+
+    #[test]
+    fn limits_and_permissions_override_the_defaults() {
+        let config = parse(
+            r#"
+            [[plugin]]
+            name = "a"
+            command = "x"
+            [plugin.limits]
+            memory = "256MiB"
+            cpu_seconds = 5
+            processes = "unlimited"
+            [plugin.permissions]
+            read = ["data", "/srv/shared"]
+            connect_tcp = [5432]
+            user = "nobody"
+            enforce = "strict"
+            "#,
+        )
+        .unwrap();
+        let spec = config.plugin("a").unwrap();
+        assert_eq!(spec.limits.memory, Some(256 << 20));
+        assert_eq!(spec.limits.cpu_seconds, Some(5));
+        assert_eq!(spec.limits.processes, None);
+        assert_eq!(spec.limits.open_files, crate::Limits::default().open_files);
+        assert_eq!(
+            spec.permissions.read,
+            [Path::new("/etc/aurora/data"), Path::new("/srv/shared")]
+        );
+        assert_eq!(spec.permissions.connect_tcp, [5432]);
+        assert_eq!(spec.permissions.user.as_deref(), Some("nobody"));
+        assert_eq!(spec.permissions.enforce, crate::Enforcement::Strict);
+        assert_eq!(
+            spec.permissions.pass_env,
+            crate::Permissions::default().pass_env
+        );
+
+        let err = parse(
+            "[[plugin]]\nname = \"a\"\ncommand = \"x\"\n[plugin.limits]\nmemory = \"lots\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("memory = \"lots\""), "{err}");
+    }
+
+    #[test]
+    fn sizes_read_as_powers_of_1024() {
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("64KiB"), Some(64 << 10));
+        assert_eq!(parse_size("1 GiB"), Some(1 << 30));
+        assert_eq!(parse_size("2MB"), Some(2 << 20));
+        assert_eq!(parse_size("many"), None);
+        assert_eq!(parse_size("9GiBs"), None);
     }
 
     #[test]
