@@ -63,17 +63,25 @@ pub(crate) enum SpawnError {
     #[error("cannot start {command}: {source}")]
     Exec { command: String, source: io::Error },
     #[error("cannot sandbox {command}: {source}")]
-    Sandbox { command: String, source: SandboxError },
+    Sandbox {
+        command: String,
+        source: SandboxError,
+    },
 }
 
 /// Starts the process `spec` describes, with its socket at
 /// [`CHANNEL_FD`].
 pub(crate) async fn spawn_plugin(spec: &PluginSpec) -> Result<Spawned, SpawnError> {
     let command_name = || spec.command.display().to_string();
-    let spawn_error = |source| SpawnError::Exec { command: command_name(), source };
+    let spawn_error = |source| SpawnError::Exec {
+        command: command_name(),
+        source,
+    };
 
-    let sandbox = Prepared::prepare(spec)
-        .map_err(|source| SpawnError::Sandbox { command: command_name(), source })?;
+    let sandbox = Prepared::prepare(spec).map_err(|source| SpawnError::Sandbox {
+        command: command_name(),
+        source,
+    })?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_error)?;
     let command = build_command(spec, theirs.as_raw_fd(), &sandbox);
     let spawned = spawn_on_spawner_thread(command).await;
@@ -81,7 +89,11 @@ pub(crate) async fn spawn_plugin(spec: &PluginSpec) -> Result<Spawned, SpawnErro
     // never see end-of-file when the plugin dies. The sandbox's descriptors
     // (ruleset, cgroup files) go with it.
     drop(theirs);
-    let Prepared { cgroup, gaps: sandbox_gaps, .. } = sandbox;
+    let Prepared {
+        cgroup,
+        gaps: sandbox_gaps,
+        ..
+    } = sandbox;
     let mut child = match spawned {
         Ok(child) => child,
         Err(err) => {
@@ -100,13 +112,25 @@ pub(crate) async fn spawn_plugin(spec: &PluginSpec) -> Result<Spawned, SpawnErro
     let stderr_tail: StderrTail = Arc::default();
     let mut output = Vec::with_capacity(2);
     if let Some(stdout) = child.stdout.take() {
-        output.push(tokio::spawn(forward_lines(stdout, "stdout", None).in_current_span()));
+        output.push(tokio::spawn(
+            forward_lines(stdout, "stdout", None).in_current_span(),
+        ));
     }
     if let Some(stderr) = child.stderr.take() {
         let tail = Some(Arc::clone(&stderr_tail));
-        output.push(tokio::spawn(forward_lines(stderr, "stderr", tail).in_current_span()));
+        output.push(tokio::spawn(
+            forward_lines(stderr, "stderr", tail).in_current_span(),
+        ));
     }
-    Ok(Spawned { child, pid, channel, stderr_tail, output, cgroup, sandbox_gaps })
+    Ok(Spawned {
+        child,
+        pid,
+        channel,
+        stderr_tail,
+        output,
+        cgroup,
+        sandbox_gaps,
+    })
 }
 
 fn build_command(spec: &PluginSpec, channel_fd: i32, sandbox: &Prepared) -> Command {

@@ -36,7 +36,10 @@ pub(crate) struct Roots {
 impl Roots {
     /// Every per-supervisor parent cgroup that exists.
     pub(crate) fn parents(&self) -> impl Iterator<Item = &Path> {
-        [&self.unified, &self.pids, &self.memory].into_iter().flatten().map(PathBuf::as_path)
+        [&self.unified, &self.pids, &self.memory]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
     }
 }
 
@@ -49,11 +52,15 @@ pub(crate) fn roots() -> &'static Roots {
 fn discover() -> Roots {
     let mut roots = Roots::default();
     let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
-        roots.problems.push("cannot read /proc/self/mountinfo".to_owned());
+        roots
+            .problems
+            .push("cannot read /proc/self/mountinfo".to_owned());
         return roots;
     };
     let Ok(membership) = fs::read_to_string("/proc/self/cgroup") else {
-        roots.problems.push("cannot read /proc/self/cgroup".to_owned());
+        roots
+            .problems
+            .push("cannot read /proc/self/cgroup".to_owned());
         return roots;
     };
     let pid = std::process::id();
@@ -63,7 +70,9 @@ fn discover() -> Roots {
         let (mount, own) = match (mount, own) {
             (Some(mount), Some(own)) => (mount, own),
             _ => {
-                roots.problems.push(format!("no {kind} cgroup hierarchy is mounted"));
+                roots
+                    .problems
+                    .push(format!("no {kind} cgroup hierarchy is mounted"));
                 return None;
             }
         };
@@ -74,16 +83,29 @@ fn discover() -> Roots {
             Ok(()) => Some(parent),
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Some(parent),
             Err(err) => {
-                roots.problems.push(format!("cannot create {}: {err}", parent.display()));
+                roots
+                    .problems
+                    .push(format!("cannot create {}: {err}", parent.display()));
                 None
             }
         }
     };
 
-    let unified = make("v2", mount_of(&mountinfo, None), own_path(&membership, None));
-    let pids = make("pids", mount_of(&mountinfo, Some("pids")), own_path(&membership, Some("pids")));
-    let memory =
-        make("memory", mount_of(&mountinfo, Some("memory")), own_path(&membership, Some("memory")));
+    let unified = make(
+        "v2",
+        mount_of(&mountinfo, None),
+        own_path(&membership, None),
+    );
+    let pids = make(
+        "pids",
+        mount_of(&mountinfo, Some("pids")),
+        own_path(&membership, Some("pids")),
+    );
+    let memory = make(
+        "memory",
+        mount_of(&mountinfo, Some("memory")),
+        own_path(&membership, Some("memory")),
+    );
     roots.unified_limits = unified.as_deref().is_some_and(enable_unified_limits);
     roots.unified = unified;
     roots.pids = pids;
@@ -158,7 +180,12 @@ fn clean_stale(base: &Path) {
         tracing::info!(cgroup = %entry.path().display(), "removing a cgroup left by a supervisor that died");
         let parent = entry.path();
         let children: Vec<PathBuf> = fs::read_dir(&parent)
-            .map(|dirs| dirs.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+            .map(|dirs| {
+                dirs.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
             .unwrap_or_default();
         for child in &children {
             kill_members(child);
@@ -220,7 +247,13 @@ impl PluginCgroup {
         let roots = roots();
         let leaf_name: String = name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let leaf_name = format!("{leaf_name}-{}", NEXT.fetch_add(1, Ordering::Relaxed));
 
@@ -238,19 +271,22 @@ impl PluginCgroup {
         let mut pids_limited = false;
         let mut memory_limited = false;
         if let Some(max) = limits.processes {
-            pids_limited = [unified.as_ref().filter(|_| roots.unified_limits), pids.as_ref()]
-                .into_iter()
-                .flatten()
-                .any(|dir| fs::write(dir.join("pids.max"), max.to_string()).is_ok());
+            pids_limited = [
+                unified.as_ref().filter(|_| roots.unified_limits),
+                pids.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .any(|dir| fs::write(dir.join("pids.max"), max.to_string()).is_ok());
         }
         if let Some(max) = limits.memory {
             let v2 = unified
                 .as_ref()
                 .filter(|_| roots.unified_limits)
                 .is_some_and(|dir| fs::write(dir.join("memory.max"), max.to_string()).is_ok());
-            let v1 = memory
-                .as_ref()
-                .is_some_and(|dir| fs::write(dir.join("memory.limit_in_bytes"), max.to_string()).is_ok());
+            let v1 = memory.as_ref().is_some_and(|dir| {
+                fs::write(dir.join("memory.limit_in_bytes"), max.to_string()).is_ok()
+            });
             memory_limited = v2 || v1;
         }
 
@@ -274,7 +310,9 @@ impl PluginCgroup {
         self.leaves
             .iter()
             .map(|leaf| {
-                let file = fs::OpenOptions::new().write(true).open(leaf.join("cgroup.procs"))?;
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .open(leaf.join("cgroup.procs"))?;
                 Ok(OwnedFd::from(file))
             })
             .collect()
@@ -324,9 +362,18 @@ mod tests {
 
     #[test]
     fn finds_each_hierarchy_and_our_place_in_it() {
-        assert_eq!(mount_of(MOUNTINFO, None), Some("/sys/fs/cgroup/unified".into()));
-        assert_eq!(mount_of(MOUNTINFO, Some("pids")), Some("/sys/fs/cgroup/pids".into()));
-        assert_eq!(mount_of(MOUNTINFO, Some("memory")), Some("/sys/fs/cgroup/memory".into()));
+        assert_eq!(
+            mount_of(MOUNTINFO, None),
+            Some("/sys/fs/cgroup/unified".into())
+        );
+        assert_eq!(
+            mount_of(MOUNTINFO, Some("pids")),
+            Some("/sys/fs/cgroup/pids".into())
+        );
+        assert_eq!(
+            mount_of(MOUNTINFO, Some("memory")),
+            Some("/sys/fs/cgroup/memory".into())
+        );
         assert_eq!(mount_of(MOUNTINFO, Some("cpuset")), None);
 
         assert_eq!(own_path(MEMBERSHIP, None), Some("/user.slice"));

@@ -69,10 +69,12 @@ fn send(value: i32) {
 
 fn start() -> std::io::Result<File> {
     // The cgroup parent must exist before the guardian holds its kill file.
-    let kill_file = cgroup::roots()
-        .unified
-        .as_ref()
-        .and_then(|parent| File::options().write(true).open(parent.join("cgroup.kill")).ok());
+    let kill_file = cgroup::roots().unified.as_ref().and_then(|parent| {
+        File::options()
+            .write(true)
+            .open(parent.join("cgroup.kill"))
+            .ok()
+    });
     let kill_fd = kill_file.as_ref().map_or(-1, |f| f.as_raw_fd());
     // Made before the fork: the guardian cannot allocate.
     let parents: Vec<CString> = cgroup::roots()
@@ -113,7 +115,13 @@ unsafe fn guardian_main(read_fd: i32, kill_fd: i32, parents: &[*const libc::c_ch
         // Out of the supervisor's process group, so that a Ctrl-C meant for
         // the supervisor does not end the guardian before it is needed.
         libc::setpgid(0, 0);
-        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGPIPE] {
+        for signal in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGPIPE,
+        ] {
             libc::signal(signal, libc::SIG_IGN);
         }
         close_all_but(read_fd, kill_fd);
@@ -124,7 +132,11 @@ unsafe fn guardian_main(read_fd: i32, kill_fd: i32, parents: &[*const libc::c_ch
         'reading: loop {
             let mut filled = 0;
             while filled < word.len() {
-                let n = libc::read(read_fd, word[filled..].as_mut_ptr().cast(), word.len() - filled);
+                let n = libc::read(
+                    read_fd,
+                    word[filled..].as_mut_ptr().cast(),
+                    word.len() - filled,
+                );
                 if n > 0 {
                     filled += n as usize;
                 } else if n < 0 && *libc::__errno_location() == libc::EINTR {
@@ -161,7 +173,11 @@ unsafe fn guardian_main(read_fd: i32, kill_fd: i32, parents: &[*const libc::c_ch
 /// Closes every descriptor from 3 up except `keep_a` and `keep_b`, so the
 /// guardian holds no copy of the pipe's write end or of any plugin socket.
 unsafe fn close_all_but(keep_a: i32, keep_b: i32) {
-    let (low, high) = if keep_a < keep_b { (keep_a, keep_b) } else { (keep_b, keep_a) };
+    let (low, high) = if keep_a < keep_b {
+        (keep_a, keep_b)
+    } else {
+        (keep_b, keep_a)
+    };
     let mut start = 3u32;
     for keep in [low, high] {
         if keep < 3 {

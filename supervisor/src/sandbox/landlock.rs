@@ -9,8 +9,8 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    ABI, Access, BitFlags, AccessFs, AccessNet, CompatLevel, Compatible, NetPort, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, Scope, path_beneath_rules,
+    ABI, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, Ruleset,
+    RulesetAttr, RulesetCreatedAttr, Scope, path_beneath_rules,
 };
 
 use crate::spec::{Enforcement, Permissions};
@@ -85,7 +85,9 @@ pub(crate) fn gaps_for(abi: i32) -> Vec<String> {
         gaps.push("TCP connect and bind rules (needs Landlock ABI 4)".to_owned());
     }
     if abi < 6 {
-        gaps.push("signals and abstract sockets outside the sandbox (needs Landlock ABI 6)".to_owned());
+        gaps.push(
+            "signals and abstract sockets outside the sandbox (needs Landlock ABI 6)".to_owned(),
+        );
     }
     gaps
 }
@@ -110,11 +112,16 @@ pub(crate) fn build(
         )));
     }
     if abi < 1 {
-        return Ok(LandlockRules { ruleset: None, gaps });
+        return Ok(LandlockRules {
+            ruleset: None,
+            gaps,
+        });
     }
 
     let err = |e: landlock::RulesetError| LandlockError(e.to_string());
-    let command = command.canonicalize().unwrap_or_else(|_| command.to_owned());
+    let command = command
+        .canonicalize()
+        .unwrap_or_else(|_| command.to_owned());
     let read: Vec<PathBuf> = SYSTEM_READ
         .iter()
         .map(PathBuf::from)
@@ -133,31 +140,41 @@ pub(crate) fn build(
 
     // Best effort at the crate level: rights the kernel lacks are dropped
     // instead of failing, and the gaps computed above say which.
-    let ruleset = Ruleset::default()
-        .set_compatibility(CompatLevel::BestEffort)
-        .handle_access(AccessFs::from_all(WANTED))
-        .map_err(err)?
-        .handle_access(AccessNet::from_all(WANTED))
-        .map_err(err)?
-        .scope(Scope::from_all(WANTED))
-        .map_err(err)?
-        .create()
-        .map_err(err)?
-        .add_rules(path_beneath_rules(&read, AccessFs::ReadFile | AccessFs::ReadDir))
-        .map_err(err)?
-        .add_rules(path_beneath_rules(&permissions.write, write_access))
-        .map_err(err)?
-        .add_rules(path_beneath_rules(&execute, AccessFs::Execute | AccessFs::ReadFile))
-        .map_err(err)?
-        .add_rules(permissions.connect_tcp.iter().map(|&port| {
-            Ok::<_, landlock::RulesetError>(NetPort::new(port, AccessNet::ConnectTcp))
-        }))
-        .map_err(err)?
-        .add_rules(permissions.bind_tcp.iter().map(|&port| {
-            Ok::<_, landlock::RulesetError>(NetPort::new(port, AccessNet::BindTcp))
-        }))
-        .map_err(err)?;
-    Ok(LandlockRules { ruleset: Option::<OwnedFd>::from(ruleset), gaps })
+    let ruleset =
+        Ruleset::default()
+            .set_compatibility(CompatLevel::BestEffort)
+            .handle_access(AccessFs::from_all(WANTED))
+            .map_err(err)?
+            .handle_access(AccessNet::from_all(WANTED))
+            .map_err(err)?
+            .scope(Scope::from_all(WANTED))
+            .map_err(err)?
+            .create()
+            .map_err(err)?
+            .add_rules(path_beneath_rules(
+                &read,
+                AccessFs::ReadFile | AccessFs::ReadDir,
+            ))
+            .map_err(err)?
+            .add_rules(path_beneath_rules(&permissions.write, write_access))
+            .map_err(err)?
+            .add_rules(path_beneath_rules(
+                &execute,
+                AccessFs::Execute | AccessFs::ReadFile,
+            ))
+            .map_err(err)?
+            .add_rules(permissions.connect_tcp.iter().map(|&port| {
+                Ok::<_, landlock::RulesetError>(NetPort::new(port, AccessNet::ConnectTcp))
+            }))
+            .map_err(err)?
+            .add_rules(permissions.bind_tcp.iter().map(|&port| {
+                Ok::<_, landlock::RulesetError>(NetPort::new(port, AccessNet::BindTcp))
+            }))
+            .map_err(err)?;
+    Ok(LandlockRules {
+        ruleset: Option::<OwnedFd>::from(ruleset),
+        gaps,
+    })
 }
 
 #[cfg(test)]
@@ -169,7 +186,10 @@ mod tests {
         assert!(gaps_for(7).is_empty());
         assert!(gaps_for(6).is_empty());
         let v3 = gaps_for(3).join("; ");
-        assert!(v3.contains("TCP") && v3.contains("ioctl") && v3.contains("signals"), "{v3}");
+        assert!(
+            v3.contains("TCP") && v3.contains("ioctl") && v3.contains("signals"),
+            "{v3}"
+        );
         assert!(gaps_for(0)[0].contains("no Landlock"));
     }
 
@@ -177,7 +197,11 @@ mod tests {
     fn strict_refuses_what_the_kernel_cannot_do() {
         // Only meaningful on a kernel without full support; elsewhere strict
         // must succeed.
-        let result = build(Path::new("/bin/true"), &Permissions::default(), Enforcement::Strict);
+        let result = build(
+            Path::new("/bin/true"),
+            &Permissions::default(),
+            Enforcement::Strict,
+        );
         match gaps_for(kernel_abi()).is_empty() {
             true => assert!(result.is_ok()),
             false => assert!(result.is_err()),

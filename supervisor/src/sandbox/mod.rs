@@ -83,7 +83,9 @@ impl Prepared {
         let credentials = match (&permissions.user, is_root) {
             (Some(user), true) => Some(lookup_credentials(user, permissions.group.as_deref())?),
             (Some(user), false) => {
-                gaps.push(format!("running as user {user:?} (the supervisor is not root)"));
+                gaps.push(format!(
+                    "running as user {user:?} (the supervisor is not root)"
+                ));
                 None
             }
             (None, _) => None,
@@ -101,7 +103,11 @@ impl Prepared {
             .map(above_channel)
             .collect::<io::Result<Vec<_>>>()
             .map_err(SandboxError::Cgroup)?;
-        let ruleset = rules.ruleset.map(above_channel).transpose().map_err(SandboxError::Cgroup)?;
+        let ruleset = rules
+            .ruleset
+            .map(above_channel)
+            .transpose()
+            .map_err(SandboxError::Cgroup)?;
 
         let mut rlimits: Vec<Rlimit> = Vec::new();
         if let Some(bytes) = limits.memory {
@@ -162,7 +168,10 @@ impl Prepared {
                 }
             }
             for &(resource, soft, hard) in &rlimits {
-                let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+                let limit = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
                 if libc::setrlimit(resource, &limit) != 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -173,7 +182,13 @@ impl Prepared {
                 for capability in 0..64 {
                     libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0);
                 }
-                libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                    0,
+                    0,
+                    0,
+                );
             }
             if let Some((uid, gid)) = credentials
                 && (libc::setgroups(1, &gid) != 0
@@ -207,7 +222,10 @@ pub(crate) fn environment(spec: &PluginSpec) -> Vec<(OsString, OsString)> {
         .pass_env
         .iter()
         .filter_map(|name| std::env::var_os(name).map(|value| (OsString::from(name), value)));
-    let own = spec.env.iter().map(|(k, v)| (OsString::from(k), OsString::from(v)));
+    let own = spec
+        .env
+        .iter()
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
     passed.chain(own).collect()
 }
 
@@ -238,14 +256,19 @@ fn lookup_credentials(
         None => found.gid,
         Some(group) => {
             let named = nix::unistd::Group::from_name(group).map_err(SandboxError::Lookup)?;
-            named.ok_or_else(|| SandboxError::UnknownGroup(group.to_owned()))?.gid
+            named
+                .ok_or_else(|| SandboxError::UnknownGroup(group.to_owned()))?
+                .gid
         }
     };
     Ok((found.uid.as_raw(), gid.as_raw()))
 }
 
 fn current_hard_limit(resource: libc::__rlimit_resource_t) -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes only into `limit`.
     match unsafe { libc::getrlimit(resource, &mut limit) } {
         0 => limit.rlim_max,
@@ -272,8 +295,15 @@ unsafe fn clear_capabilities() -> io::Result<()> {
         inheritable: u32,
     }
     const VERSION_3: u32 = 0x2008_0522;
-    let header = Header { version: VERSION_3, pid: 0 };
-    let data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    let header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
     // SAFETY: capset reads the header and two data structs, which live on
     // this stack frame for the duration of the call.
     match unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } {
@@ -293,7 +323,8 @@ unsafe fn mark_descriptors_close_on_exec() {
     let first = aurora_protocol::CHANNEL_FD as u32 + 1;
     // SAFETY: close_range with CLOEXEC only sets flags on this process's
     // descriptors.
-    let marked = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    let marked =
+        unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, CLOSE_RANGE_CLOEXEC) };
     if marked != 0 {
         // Kernels before 5.11: mark them one at a time up to a sane bound.
         for fd in first as i32..4096 {
