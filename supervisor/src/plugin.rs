@@ -548,12 +548,16 @@ impl PluginTask {
             (None, crash)
         })?;
         let pid = spawned.pid;
-        *lock(&self.reach) = Some(Reach { group: pid as i32, cgroup: spawned.cgroup.clone() });
+        *lock(&self.reach) = Some(Reach {
+            group: pid as i32,
+            cgroup: spawned.cgroup.clone(),
+        });
         if !spawned.sandbox_gaps.is_empty() && generation == 1 {
             let gaps = spawned.sandbox_gaps.join("; ");
             tracing::warn!(%gaps, "the kernel cannot enforce part of this plugin's sandbox");
         }
-        self.status.send_modify(|s| s.sandbox_gaps = spawned.sandbox_gaps.clone());
+        self.status
+            .send_modify(|s| s.sandbox_gaps = spawned.sandbox_gaps.clone());
         tracing::info!(pid, generation, "plugin process started");
         self.emit(EventKind::Spawned { pid, generation });
 
@@ -811,7 +815,10 @@ impl PluginTask {
                     cgroup.kill();
                 }
             };
-            if tokio::time::timeout(CGROUP_EMPTY_WAIT, emptied).await.is_err() {
+            if tokio::time::timeout(CGROUP_EMPTY_WAIT, emptied)
+                .await
+                .is_err()
+            {
                 tracing::warn!("processes remain in the plugin's cgroup after SIGKILL");
             }
             cgroup.remove();

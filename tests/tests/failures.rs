@@ -24,7 +24,10 @@ async fn wait_for_replacement(supervisor: &Supervisor, plugin: &str, old_pid: u3
     });
     match replaced.await {
         Ok(pid) => pid,
-        Err(_) => panic!("{plugin} was not replaced; status: {:#?}", supervisor.status(plugin)),
+        Err(_) => panic!(
+            "{plugin} was not replaced; status: {:#?}",
+            supervisor.status(plugin)
+        ),
     }
 }
 
