@@ -236,14 +236,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Loads the config and manifests, or refuses with every problem.
 fn load_or_refuse(config: Option<&Path>) -> anyhow::Result<Loaded> {
-    daemon::load(config).map_err(|problems| Refusal::Usage(problem_list(&problems)).into())
+    daemon::load(config)
+        .map_err(|problems| Refusal::Usage(problem_list(&problems, "nothing was started")).into())
 }
 
-fn problem_list(problems: &[Problem]) -> String {
+/// Every problem, one a line, after their count and `outcome`.
+fn problem_list(problems: &[Problem], outcome: &str) -> String {
     let count = problems.len();
     let plural = if count == 1 { "" } else { "s" };
-    let mut text =
-        format!("{count} problem{plural} in the config and manifests; nothing was started:");
+    let mut text = format!("{count} problem{plural} in the config and manifests; {outcome}:");
     for problem in problems {
         text.push_str("\n  ");
         text.push_str(&problem.to_string());
@@ -263,7 +264,8 @@ fn run_daemon(
         Ok(loaded) => loaded,
         Err(problems) => {
             notifier.status("refusing to start: the config has problems");
-            return Err(Refusal::Usage(problem_list(&problems)).into());
+            let list = problem_list(&problems, "nothing was started");
+            return Err(Refusal::Usage(list).into());
         }
     };
     let settings = &loaded.settings;
@@ -290,7 +292,9 @@ fn run_daemon(
 
 /// `aurora check`.
 fn check(config: Option<&Path>) -> anyhow::Result<()> {
-    let loaded = load_or_refuse(config)?;
+    let loaded = daemon::load(config).map_err(|problems| {
+        Refusal::Usage(problem_list(&problems, "the daemon would not start"))
+    })?;
     let plan = &loaded.plan;
     let mut out = format!(
         "{}: {} plugin{}, {} from manifests under {}\n",

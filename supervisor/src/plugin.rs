@@ -894,6 +894,7 @@ impl PluginTask {
     async fn stay_idle(&mut self) -> Next {
         self.publish(PluginState::Idle, None);
         self.emit(EventKind::Idle);
+        tracing::info!("plugin idle: no process until a call arrives");
         match self.control.recv().await {
             Some(Control::Wake) => {
                 tracing::info!("a call is waiting; starting the idle plugin");

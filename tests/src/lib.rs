@@ -6,6 +6,8 @@
 //! The binaries are the ones `cargo test --workspace` builds into the same
 //! target directory as the test executables; nothing here builds anything.
 
+pub mod daemon;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

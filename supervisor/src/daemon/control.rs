@@ -116,10 +116,11 @@ pub(crate) fn bind(settings: &DaemonSettings) -> Result<Listener, DaemonError> {
         std::os::unix::fs::chown(socket, None, Some(group.gid))
             .map_err(|err| listen_error(format!("cannot give the socket to its group: {err}")))?;
     }
-    // The mode was applied before bind; say what it ended up as.
-    let mode = std::fs::metadata(socket)
-        .map(|m| m.permissions().mode() & 0o777)
-        .unwrap_or_default();
+    // The mode set before bind was narrowed by the umask, which is never
+    // wider than asked; now set exactly what was configured.
+    let mode = settings.socket_mode & 0o777;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
+        .map_err(|err| listen_error(format!("cannot set the socket's mode: {err}")))?;
     tracing::info!(socket = %socket.display(), mode = %format!("{mode:o}"), "control socket ready");
     Ok(listener)
 }
@@ -182,14 +183,16 @@ async fn handle(stream: Stream, shared: Arc<Shared>) {
         writer,
         buffer: Vec::new(),
     };
+    let mut reader = FrameReader::new(reader, CONTROL_MAX_FRAME);
+    let received = tokio::time::timeout(REQUEST_WAIT, reader.read::<ControlRequest>()).await;
+    // The request is read even from a peer about to be refused, so that its
+    // write completes and it reads the reason rather than a broken pipe.
     if let Err(reason) = check_peer(peer, &shared.settings) {
         tracing::warn!(%reason, "control connection refused");
         answer.error(ControlErrorKind::Refused, reason).await;
         return;
     }
-
-    let mut reader = FrameReader::new(reader, CONTROL_MAX_FRAME);
-    let request = match tokio::time::timeout(REQUEST_WAIT, reader.read::<ControlRequest>()).await {
+    let request = match received {
         Ok(Ok(Some(request))) => request,
         Ok(Ok(None)) | Err(_) => return,
         Ok(Err(FrameError::Malformed(err))) => {

@@ -278,7 +278,9 @@ pub async fn run(loaded: Loaded, options: DaemonOptions) -> Result<(), DaemonErr
         manifests = manifests.len(),
         "aurora daemon starting"
     );
-    notifier.status(&format!("starting {} plugins", plan.plugins.len()));
+    let count = plan.plugins.len();
+    let plural = if count == 1 { "" } else { "s" };
+    notifier.status(&format!("starting {count} plugin{plural}"));
     let batch = plan
         .plugins
         .iter()
@@ -708,6 +710,7 @@ async fn apply_reload(
     }
     *shared.plan.write().unwrap_or_else(|p| p.into_inner()) = next_plan;
     summary.stopped = removed;
+    tracing::info!(unchanged = summary.unchanged.len(), "config reloaded");
     Ok(summary)
 }
 
