@@ -73,6 +73,9 @@ struct Serving {
     method_names: String,
     /// Cancellation signals of the async calls still running.
     in_flight: RefCell<HashMap<u64, watch::Sender<bool>>>,
+    /// The cancellation signal of synchronous calls, which cannot be
+    /// cancelled while they run.
+    never_cancelled: watch::Sender<bool>,
     outgoing: mpsc::UnboundedSender<Outgoing>,
 }
 
@@ -178,6 +181,7 @@ async fn run_connection(
         method_names: method_names.join(", "),
         methods: plugin.methods,
         in_flight: RefCell::new(HashMap::new()),
+        never_cancelled: watch::Sender::new(false),
         outgoing,
     });
 
@@ -245,16 +249,20 @@ fn dispatch(serving: &Rc<Serving>, call: aurora_protocol::Call) {
     let deadline = Instant::now()
         .checked_add(timeout)
         .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
-    let (cancel, cancelled) = watch::channel(false);
-    let ctx = Context::new(call.id, deadline, cancelled);
 
     match handler {
         Handler::Sync(handler) => {
+            // A synchronous handler holds the only thread until it returns,
+            // so no Cancel can reach it: it shares one signal that never
+            // fires instead of paying for a channel per call.
+            let ctx = Context::new(call.id, deadline, serving.never_cancelled.subscribe());
             let result = catch_unwind(AssertUnwindSafe(|| handler(&ctx, &call.payload)))
                 .unwrap_or_else(|panic| Err(panicked(panic)));
             serving.reply(call.id, result);
         }
         Handler::Async(handler) => {
+            let (cancel, cancelled) = watch::channel(false);
+            let ctx = Context::new(call.id, deadline, cancelled);
             serving.in_flight.borrow_mut().insert(call.id, cancel);
             let future = CatchUnwind(handler(ctx, &call.payload));
             let serving = Rc::clone(serving);
