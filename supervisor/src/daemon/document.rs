@@ -561,6 +561,14 @@ requires = { b = ">=0.2, <0.4" }
     }
 
     #[test]
+    fn the_packaged_config_parses() {
+        let text = include_str!("../../../packaging/aurora.toml");
+        let document = parse_text(text).unwrap();
+        assert!(document.plugins.is_empty());
+        assert!(document.template.is_some());
+    }
+
+    #[test]
     fn lines_and_columns_count_from_one() {
         assert_eq!(line_and_column("ab\ncd", 0), (1, 1));
         assert_eq!(line_and_column("ab\ncd", 4), (2, 2));
