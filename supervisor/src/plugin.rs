@@ -295,10 +295,14 @@ impl PluginHandle {
             after: timeout,
         };
 
-        let permit = tokio::time::timeout_at(deadline, self.permits.acquire()).await;
-        let _permit = permit
-            .map_err(|_| timed_out())?
-            .expect("the semaphore is never closed");
+        // Most calls find a free slot: take it without arming a timer.
+        let _permit = match self.permits.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => tokio::time::timeout_at(deadline, self.permits.acquire())
+                .await
+                .map_err(|_| timed_out())?
+                .expect("the semaphore is never closed"),
+        };
 
         let mut payload = payload;
         let (connection, id, outcome) = loop {
@@ -363,6 +367,11 @@ impl PluginHandle {
         deadline: Instant,
         timed_out: impl Fn() -> CallError,
     ) -> Result<Arc<Connection>, CallError> {
+        // The common case, a ready plugin, needs no receiver of its own.
+        if let Some(connection) = &self.status.borrow().connection {
+            return Ok(Arc::clone(connection));
+        }
+
         let plugin = &self.spec.name;
         let mut status = self.status.clone();
         loop {
