@@ -722,3 +722,51 @@ fn the_socket_is_for_its_owner_and_refuses_other_users() {
     );
     assert!(daemon.cli_ok(&["status"]).contains("echo"));
 }
+
+#[test]
+fn under_journald_lines_carry_a_priority_and_no_timestamp() {
+    let dir = TestDir::new("journald");
+    dir.manifest("echo", &echo_manifest("echo", ""));
+    let config = dir.write("aurora.toml", &daemon_config(&dir, ""));
+
+    // systemd names the stream it connected as stderr by device and inode.
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    let stat = nix::sys::stat::fstat(&write_end).unwrap();
+    let journal_stream = format!("{}:{}", stat.st_dev, stat.st_ino);
+    let mut child = Command::new(binary("aurora"))
+        .arg("--socket")
+        .arg(dir.socket())
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("AURORA_LOG", "info")
+        .env("JOURNAL_STREAM", &journal_stream)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(write_end))
+        .spawn()
+        .unwrap();
+    let (send, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        let reader = BufReader::new(std::fs::File::from(read_end));
+        for line in reader.lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                return;
+            }
+        }
+    });
+
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    let running = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("aurora is running") => break line,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("aurora never said it was running; it logged {seen:#?}"),
+        }
+    };
+    assert!(running.starts_with("<6>"), "{running}");
+    assert!(!running.starts_with("<6>20"), "a timestamp in {running}");
+    assert!(seen.iter().all(|line| line.starts_with('<')), "{seen:#?}");
+
+    assert!(cli_at(&dir.socket(), &["shutdown"]).status.success());
+    assert!(child.wait().unwrap().success());
+}
