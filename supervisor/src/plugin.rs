@@ -490,9 +490,10 @@ struct PluginTask {
 
 impl PluginTask {
     async fn run(mut self) {
-        if let Some(gate) = self.gate.take() {
-            // Sent or dropped, either way the way is clear.
-            let _ = gate.await;
+        if let Some(gate) = self.gate.take()
+            && matches!(self.wait_for_gate(gate).await, Next::Exit)
+        {
+            return;
         }
         if self.spec.lazy && matches!(self.stay_idle().await, Next::Exit) {
             return;
@@ -886,6 +887,27 @@ impl PluginTask {
         loop {
             tokio::select! {
                 _ = &mut wait => return Next::Start,
+                control = self.control.recv() => match control {
+                    Some(Control::Wake) => {}
+                    Some(Control::Stop { done }) => {
+                        let _ = done.send(());
+                        return self.stay_down(PluginState::Stopped).await;
+                    }
+                    Some(Control::Restart { done }) => return self.restart_requested(done),
+                    None => return Next::Exit,
+                },
+            }
+        }
+    }
+
+    /// Waits for the gate to open (sent or dropped, either way the way is
+    /// clear) while still obeying control messages, so a plugin stopped
+    /// before its turn never starts.
+    async fn wait_for_gate(&mut self, gate: oneshot::Receiver<()>) -> Next {
+        tokio::pin!(gate);
+        loop {
+            tokio::select! {
+                _ = &mut gate => return Next::Start,
                 control = self.control.recv() => match control {
                     Some(Control::Wake) => {}
                     Some(Control::Stop { done }) => {

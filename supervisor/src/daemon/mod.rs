@@ -326,7 +326,8 @@ pub async fn run(loaded: Loaded, options: DaemonOptions) -> Result<(), DaemonErr
                     continue;
                 }
                 tracing::info!("SIGHUP received; reloading the config");
-                let outcome = reload(&shared, options.config.as_deref(), None, &notifier).await;
+                let reloading = reload(&shared, options.config.as_deref(), None, &notifier);
+                let outcome = feeding_watchdog(reloading, &mut watchdog, &notifier).await;
                 if let Err(err) = outcome {
                     tracing::error!(reason = %err.message, "reload refused; nothing changed");
                 }
@@ -334,7 +335,8 @@ pub async fn run(loaded: Loaded, options: DaemonOptions) -> Result<(), DaemonErr
             Some(command) = commands.recv() => match command {
                 Command::Reload { plugin, reply } => {
                     let outcome = if started {
-                        reload(&shared, options.config.as_deref(), plugin, &notifier).await
+                        let reloading = reload(&shared, options.config.as_deref(), plugin, &notifier);
+                        feeding_watchdog(reloading, &mut watchdog, &notifier).await
                     } else {
                         Err(ControlError {
                             kind: ControlErrorKind::Failed,
@@ -712,6 +714,22 @@ async fn apply_reload(
     summary.stopped = removed;
     tracing::info!(unchanged = summary.unchanged.len(), "config reloaded");
     Ok(summary)
+}
+
+/// Runs `work` while still feeding the watchdog, so that a long reload does
+/// not look to systemd like a hung daemon.
+async fn feeding_watchdog<T>(
+    work: impl Future<Output = T>,
+    watchdog: &mut Option<tokio::time::Interval>,
+    notifier: &Notifier,
+) -> T {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            output = &mut work => return output,
+            _ = tick(watchdog) => notifier.watchdog(),
+        }
+    }
 }
 
 async fn tick(interval: &mut Option<tokio::time::Interval>) {
