@@ -10,6 +10,7 @@ fn plugins_started_by_hand_explain_themselves() {
         env!("CARGO_BIN_EXE_aurora-plugin-echo"),
         env!("CARGO_BIN_EXE_aurora-plugin-wordcount"),
         env!("CARGO_BIN_EXE_aurora-plugin-misbehave"),
+        env!("CARGO_BIN_EXE_aurora-plugin-versioned"),
     ];
     for plugin in plugins {
         let output = Command::new(plugin).output().expect("plugin runs");

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::spec::{Enforcement, PluginSpec, RestartMode, RestartPolicy};
+use crate::spec::{Enforcement, PluginSpec, RestartMode, RestartPolicy, RollbackPolicy};
 
 /// The config used when none is given: the example plugins, found next to
 /// the `aurora` binary.
@@ -152,8 +152,15 @@ pub(crate) struct PluginEntry {
     #[serde(default, deserialize_with = "duration")]
     health_timeout: Option<Duration>,
     log_level: Option<String>,
+    /// The method a new version must answer before a reload routes calls
+    /// to it.
+    health_method: Option<String>,
+    #[serde(default, deserialize_with = "duration")]
+    drain_timeout: Option<Duration>,
     #[serde(default)]
     restart: RestartEntry,
+    #[serde(default)]
+    rollback: RollbackEntry,
     #[serde(default)]
     limits: LimitsEntry,
     #[serde(default)]
@@ -250,6 +257,16 @@ struct RestartEntry {
     reset_after: Option<Duration>,
 }
 
+/// `[plugin.rollback]`: when a freshly reloaded version is given up for
+/// the previous one.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RollbackEntry {
+    crashes: Option<u32>,
+    #[serde(default, deserialize_with = "duration")]
+    window: Option<Duration>,
+}
+
 /// The smallest frame limit accepted: enough for a hello with many methods.
 const MIN_MAX_FRAME: u32 = 4096;
 
@@ -321,6 +338,14 @@ impl PluginEntry {
             }
             spec.max_frame = limit;
         }
+
+        if let Some(method) = self.health_method {
+            spec.health_method = Some(method);
+        }
+        set(&mut spec.drain_timeout, self.drain_timeout);
+        let rollback: &mut RollbackPolicy = &mut spec.rollback;
+        set(&mut rollback.crashes, self.rollback.crashes);
+        set(&mut rollback.window, self.rollback.window);
 
         let restart = self.restart;
         let policy: &mut RestartPolicy = &mut spec.restart;
@@ -489,9 +514,13 @@ mod tests {
             command = "bin/a"
             call_timeout = "250ms"
             health_interval = "off"
+            health_method = "ping"
+            drain_timeout = "5s"
             [plugin.restart]
             mode = "always"
             window = "1m 30s"
+            [plugin.rollback]
+            crashes = 2
             "#,
         )
         .unwrap();
@@ -501,7 +530,11 @@ mod tests {
         assert_eq!(spec.health_interval, None);
         assert_eq!(spec.restart.mode, RestartMode::Always);
         assert_eq!(spec.restart.window, Duration::from_secs(90));
+        assert_eq!(spec.health_method.as_deref(), Some("ping"));
+        assert_eq!(spec.drain_timeout, Duration::from_secs(5));
+        assert_eq!(spec.rollback.crashes, 2);
         let defaults = PluginSpec::new("a", "x");
+        assert_eq!(spec.rollback.window, defaults.rollback.window);
         assert_eq!(spec.stop_timeout, defaults.stop_timeout);
         assert_eq!(spec.restart.max_restarts, defaults.restart.max_restarts);
     }

@@ -20,7 +20,7 @@ use aurora_protocol::{
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -111,6 +111,9 @@ pub(crate) struct Connection {
     max_frame: u32,
     /// Tells the plugin task that a cancelled call did not stop in time.
     stuck: mpsc::UnboundedSender<String>,
+    /// Woken whenever the last waiting call completes, so a generation being
+    /// replaced knows when it has drained.
+    drained: Notify,
 }
 
 /// The parts of a connection that only the plugin task watches.
@@ -179,6 +182,7 @@ impl Connection {
             next_id: AtomicU64::new(1),
             max_frame,
             stuck,
+            drained: Notify::new(),
         });
 
         let (closed_tx, closed) = oneshot::channel();
@@ -276,6 +280,9 @@ impl Connection {
                 return;
             }
             calls.abandoned.insert(id);
+            if calls.waiting.is_empty() {
+                self.drained.notify_waiters();
+            }
         }
         let _ = self.outgoing.send(HostMessage::Cancel { id });
 
@@ -290,6 +297,21 @@ impl Connection {
                 let _ = connection.stuck.send(reason);
             }
         });
+    }
+
+    /// Waits until no accepted call is waiting for its reply. Calls whose
+    /// caller gave up do not count: nobody waits for them.
+    pub(crate) async fn drained(&self) {
+        loop {
+            let woken = self.drained.notified();
+            tokio::pin!(woken);
+            // Registered before the look, so a completion in between wakes it.
+            woken.as_mut().enable();
+            if self.lock_calls().waiting.is_empty() {
+                return;
+            }
+            woken.await;
+        }
     }
 
     pub(crate) fn send(&self, message: HostMessage) {
@@ -318,8 +340,12 @@ impl Connection {
         let mut calls = self.lock_calls();
         match calls.waiting.remove(&reply.id) {
             Some(done) => {
+                let now_empty = calls.waiting.is_empty();
                 drop(calls);
                 let _ = done.send(Outcome::Replied(reply.result));
+                if now_empty {
+                    self.drained.notify_waiters();
+                }
             }
             // A late answer to a cancelled call: the plugin is not stuck.
             None => {

@@ -136,4 +136,7 @@ pub enum SupervisorError {
     UnknownPlugin { name: String },
     #[error("plugin {name:?} did not become ready: {reason}")]
     NotReady { name: String, reason: String },
+    /// A reload or rollback left the running version in place.
+    #[error("reload of plugin {name:?} failed, and the running version keeps serving: {reason}")]
+    ReloadFailed { name: String, reason: String },
 }

@@ -33,4 +33,28 @@ pub enum EventKind {
     /// The plugin has no process and waits for a call to start one: it is
     /// lazy and not yet called, or went `idle_timeout` without calls.
     Idle,
+    /// A reload or rollback routed new calls to a new process (`pid`); the
+    /// process it replaced finishes the calls it had and then stops.
+    /// `swap_time` runs from the request to the switch.
+    Reloaded {
+        pid: u32,
+        version: String,
+        replaced: u32,
+        swap_time: Duration,
+    },
+    /// A reload or rollback found the new version unfit (it did not start,
+    /// greet, speak a compatible protocol or pass its health probe); the
+    /// running version keeps serving.
+    ReloadFailed { reason: String },
+    /// The plugin went back to an earlier version: on request, or by itself
+    /// (`automatic`) because the new one kept crashing after taking over.
+    RolledBack {
+        from: Option<String>,
+        to: Option<String>,
+        automatic: bool,
+        reason: String,
+    },
+    /// A replaced process finished its calls (or ran out of drain time) and
+    /// was stopped and reaped.
+    Retired { pid: u32, exit: Option<ExitReason> },
 }

@@ -25,6 +25,10 @@
 //! - `sandbox/`: rlimits, credentials, Landlock and cgroups, prepared before
 //!   the fork and applied in the child, plus the guardian that kills every
 //!   plugin if the supervisor is killed outright;
+//! - `plugin/swap.rs`: hot reload and rollback inside the plugin's task:
+//!   a new generation beside the old, the switch, the drain, automatic
+//!   rollback;
+//! - `store.rs`: the version store, copies of every binary a plugin ran;
 //! - `backoff.rs`: restart delays and the restart budget;
 //! - [`config`]: the TOML config the `aurora` binary reads;
 //! - [`daemon`]: `aurora run` as a service: discovery, dependencies, the
@@ -40,11 +44,15 @@ mod plugin;
 mod sandbox;
 mod spawn;
 mod spec;
+mod store;
 mod supervisor;
 
 pub use aurora_protocol::{Encoding, ErrorKind, Payload};
 pub use error::{CallError, Crash, ExitReason, SupervisorError};
 pub use event::{Event, EventKind};
-pub use plugin::{PluginState, PluginStatus};
-pub use spec::{Enforcement, Limits, Permissions, PluginSpec, RestartMode, RestartPolicy};
+pub use plugin::{PluginState, PluginStatus, Reloaded, VersionInfo};
+pub use spec::{
+    Enforcement, Limits, Permissions, PluginSpec, RestartMode, RestartPolicy, RollbackPolicy,
+};
+pub use store::{DEFAULT_KEEP, StoreError, StoredVersion, VersionStore};
 pub use supervisor::Supervisor;

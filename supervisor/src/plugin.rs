@@ -17,7 +17,15 @@
 //! find the live connection, wait while the plugin is starting or backing
 //! off, and fail fast when it is failed or stopped. Commands arrive as
 //! [`Control`] messages; closing the control channel stops the plugin.
+//!
+//! A reload or rollback (`swap.rs`) runs beside `Ready`: the new generation
+//! starts, greets and passes its probe while the old one keeps serving, and
+//! the state stays `Ready` throughout, with the connection switching from
+//! the old process to the new in one publish.
 
+mod swap;
+
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -37,6 +45,10 @@ use crate::event::{Event, EventKind};
 use crate::sandbox::{self, PluginCgroup};
 use crate::spawn::{StderrTail, spawn_plugin};
 use crate::spec::{PluginSpec, RestartMode};
+use crate::store::VersionStore;
+use swap::{Build, Probation, Retiring, Swap};
+pub use swap::{Reloaded, VersionInfo};
+pub(crate) use swap::{SwapReply, SwapRequest};
 
 /// How long a process that closed its socket has to exit on its own before
 /// it is killed.
@@ -102,6 +114,9 @@ pub(crate) struct Status {
     pub(crate) started_at: Option<std::time::Instant>,
     /// What the kernel could not enforce of the latest process's sandbox.
     pub(crate) sandbox_gaps: Vec<String>,
+    /// The spec of the version running now, as its caller gave it: a
+    /// reload or rollback replaces it.
+    pub(crate) spec: Arc<PluginSpec>,
 }
 
 /// A snapshot of one plugin, for status displays.
@@ -133,6 +148,17 @@ pub(crate) enum Control {
     Wake,
     /// Stop the process if running, forget past failures, start afresh.
     Restart { done: oneshot::Sender<()> },
+    /// Replace the running version without dropping a call: a reload to a
+    /// new spec (or the same spec, for a new binary at its path), or a
+    /// rollback to a version that ran before.
+    Swap {
+        request: SwapRequest,
+        done: SwapReply,
+    },
+    /// List the versions this plugin has run.
+    Versions {
+        done: oneshot::Sender<Vec<VersionInfo>>,
+    },
 }
 
 /// The caller's side of a plugin.
@@ -142,9 +168,9 @@ pub(crate) struct PluginHandle {
     control: mpsc::UnboundedSender<Control>,
     permits: Semaphore,
     activity: Arc<idle::Activity>,
-    /// How to kill the running process tree without the task, for drops
+    /// How to kill the running process trees without the task, for drops
     /// that cannot wait.
-    reach: Arc<Mutex<Option<Reach>>>,
+    reaches: Reaches,
     task: JoinHandle<()>,
 }
 
@@ -159,6 +185,7 @@ impl PluginHandle {
         spec: PluginSpec,
         events: broadcast::Sender<Event>,
         gate: Option<oneshot::Receiver<()>>,
+        store: Option<Arc<VersionStore>>,
     ) -> PluginHandle {
         let spec = Arc::new(spec);
         let initial = if spec.lazy {
@@ -173,19 +200,31 @@ impl PluginHandle {
             generation: 0,
             started_at: None,
             sandbox_gaps: Vec::new(),
+            spec: Arc::clone(&spec),
         });
         let (control, control_rx) = mpsc::unbounded_channel();
         let activity = Arc::new(idle::Activity::default());
-        let reach = Arc::new(Mutex::new(None));
+        let reaches = Reaches::default();
         let task = PluginTask {
             spec: Arc::clone(&spec),
             status: status_tx,
             control: control_rx,
-            events,
-            reach: Arc::clone(&reach),
+            emitter: Emitter {
+                plugin: spec.name.clone(),
+                events,
+            },
+            reaches: reaches.clone(),
             backoff: Backoff::new(spec.restart.clone()),
             activity: Arc::clone(&activity),
             gate,
+            store,
+            build: Build::unadmitted(Arc::clone(&spec)),
+            history: Vec::new(),
+            probation: None,
+            swap: None,
+            retiring: None,
+            queued: VecDeque::new(),
+            start_reply: None,
         };
         let span = tracing::info_span!("plugin", name = %spec.name);
         let task = tokio::spawn(task.run().instrument(span));
@@ -196,13 +235,34 @@ impl PluginHandle {
             control,
             permits,
             activity,
-            reach,
+            reaches,
             task,
         }
     }
 
-    pub(crate) fn spec(&self) -> &PluginSpec {
-        &self.spec
+    /// The spec of the version running now, as it was given.
+    pub(crate) fn spec(&self) -> Arc<PluginSpec> {
+        Arc::clone(&self.status.borrow().spec)
+    }
+
+    /// Asks the task for a swap and waits for its outcome: the new version
+    /// serving and the old one gone, or the reason nothing changed.
+    pub(crate) async fn swap(&self, request: SwapRequest) -> Result<Reloaded, String> {
+        let (done, outcome) = oneshot::channel();
+        let gone = || "the plugin's task has ended".to_owned();
+        self.control
+            .send(Control::Swap { request, done })
+            .map_err(|_| gone())?;
+        outcome.await.map_err(|_| gone())?
+    }
+
+    /// The versions the plugin has run, the running one marked.
+    pub(crate) async fn versions(&self) -> Vec<VersionInfo> {
+        let (done, listed) = oneshot::channel();
+        if self.control.send(Control::Versions { done }).is_err() {
+            return Vec::new();
+        }
+        listed.await.unwrap_or_default()
     }
 
     pub(crate) fn snapshot(&self) -> PluginStatus {
@@ -256,9 +316,7 @@ impl PluginHandle {
 
     /// Kills the process tree at once, without waiting, for drops.
     pub(crate) fn kill_now(&self) {
-        if let Some(reach) = lock(&self.reach).as_ref() {
-            reach.kill();
-        }
+        self.reaches.kill_all();
         self.task.abort();
     }
 
@@ -287,7 +345,12 @@ impl PluginHandle {
         timeout: Option<Duration>,
     ) -> Result<Payload, CallError> {
         let plugin = &self.spec.name;
-        let timeout = timeout.unwrap_or(self.spec.call_timeout);
+        // A reload may have changed the timeouts since the plugin was added.
+        let (call_timeout, cancel_grace) = {
+            let status = self.status.borrow();
+            (status.spec.call_timeout, status.spec.cancel_grace)
+        };
+        let timeout = timeout.unwrap_or(call_timeout);
         let deadline = Instant::now() + timeout;
         let timed_out = || CallError::Timeout {
             plugin: plugin.clone(),
@@ -355,7 +418,7 @@ impl PluginHandle {
             }),
             Ok(Err(_)) => unreachable!("a connection completes or fails every call it accepted"),
             Err(_) => {
-                connection.abandon(id, method, self.spec.cancel_grace);
+                connection.abandon(id, method, cancel_grace);
                 Err(timed_out())
             }
         }
@@ -433,12 +496,15 @@ impl PluginHandle {
 /// A running process and everything tied to it.
 struct Running {
     child: Child,
+    /// Also the process group it leads.
     pid: u32,
     connection: Arc<Connection>,
     tasks: ConnectionTasks,
     stderr_tail: StderrTail,
     output: Vec<JoinHandle<()>>,
     started_at: Instant,
+    /// What the kernel could not enforce of this process's sandbox.
+    sandbox_gaps: Vec<String>,
 }
 
 /// How a running process came to an end.
@@ -477,15 +543,35 @@ enum Next {
 }
 
 struct PluginTask {
+    /// The spec the current version runs with: its command is the stored
+    /// copy of the binary when there is a version store.
     spec: Arc<PluginSpec>,
     status: watch::Sender<Status>,
     control: mpsc::UnboundedReceiver<Control>,
-    events: broadcast::Sender<Event>,
-    reach: Arc<Mutex<Option<Reach>>>,
+    emitter: Emitter,
+    reaches: Reaches,
     backoff: Backoff,
     activity: Arc<idle::Activity>,
     /// Resolves when the task may spawn its first process.
     gate: Option<oneshot::Receiver<()>>,
+    /// Where binaries are kept for rollback; `None` runs them in place.
+    store: Option<Arc<VersionStore>>,
+    /// The version running now (or next, when none runs).
+    build: Build,
+    /// Versions that ran before, the latest last.
+    history: Vec<Build>,
+    /// Set after a swap: the version swapped out, back to which a new
+    /// version that keeps crashing is rolled.
+    probation: Option<Probation>,
+    /// A new generation starting beside the serving one.
+    swap: Option<Swap>,
+    /// A replaced generation finishing its calls and stopping.
+    retiring: Option<Retiring>,
+    /// Swap requests that arrived while another swap was under way.
+    queued: VecDeque<(SwapRequest, SwapReply)>,
+    /// A swap that had to wait for a start (the plugin was down): answered
+    /// when the start succeeds or fails.
+    start_reply: Option<(SwapReply, Instant)>,
 }
 
 impl PluginTask {
@@ -495,6 +581,7 @@ impl PluginTask {
         {
             return;
         }
+        self.admit_first().await;
         if self.spec.lazy && matches!(self.stay_idle().await, Next::Exit) {
             return;
         }
@@ -531,98 +618,64 @@ impl PluginTask {
             };
             status.pid = running.map(|r| r.pid);
             status.started_at = running.map(|r| r.started_at.into_std());
+            if let Some(running) = running {
+                status.sandbox_gaps.clone_from(&running.sandbox_gaps);
+            }
+            status.spec = Arc::clone(&self.build.given);
             status.state = state;
         });
     }
 
     fn emit(&self, kind: EventKind) {
-        // No receivers is normal: nobody has subscribed.
-        let _ = self.events.send(Event {
-            plugin: self.spec.name.clone(),
-            kind,
-        });
+        self.emitter.emit(kind);
     }
 
-    /// Spawns a process and completes the handshake.
+    /// Spawns a process of the current version and completes the handshake.
     async fn start(&mut self) -> Result<Running, (Option<u32>, Crash)> {
         self.publish(PluginState::Starting, None);
-        let generation = self.status.borrow().generation + 1;
-        self.status.send_modify(|s| s.generation = generation);
-
-        let spawned = spawn_plugin(&self.spec).await.map_err(|err| {
-            let crash = Crash {
-                cause: err.to_string(),
-                exit: None,
-                stderr_tail: Vec::new(),
-            };
-            (None, crash)
-        })?;
-        let pid = spawned.pid;
-        *lock(&self.reach) = Some(Reach {
-            group: pid as i32,
-            cgroup: spawned.cgroup.clone(),
-        });
-        if !spawned.sandbox_gaps.is_empty() && generation == 1 {
-            let gaps = spawned.sandbox_gaps.join("; ");
-            tracing::warn!(%gaps, "the kernel cannot enforce part of this plugin's sandbox");
-        }
-        self.status
-            .send_modify(|s| s.sandbox_gaps = spawned.sandbox_gaps.clone());
-        tracing::info!(pid, generation, "plugin process started");
-        self.emit(EventKind::Spawned { pid, generation });
-
-        let handshake = tokio::time::timeout(
-            self.spec.handshake_timeout,
-            Connection::handshake(
-                spawned.channel,
-                self.spec.max_frame,
-                self.spec.version.as_ref(),
-            ),
-        );
-        let failure = match handshake.await {
-            Ok(Ok(established)) => Ok(established),
-            Ok(Err(failure)) => Err(failure.to_string()),
-            Err(_) => Err(format!(
-                "no handshake within {}",
-                humantime::format_duration(self.spec.handshake_timeout)
-            )),
-        };
-        let (connection, tasks) = match failure {
-            Ok(established) => established,
-            Err(cause) => {
-                tracing::warn!(pid, %cause, "plugin failed to start");
-                let crash = self.reap_failed_start(spawned.child, spawned.stderr_tail, cause);
-                return Err((Some(pid), crash.await));
+        let generation = self.next_generation();
+        let launched = launch(
+            Arc::clone(&self.spec),
+            self.reaches.clone(),
+            self.emitter.clone(),
+            generation,
+        )
+        .await;
+        let running = match launched {
+            Ok(running) => running,
+            Err((pid, crash)) => {
+                tracing::warn!(pid, cause = %crash.cause, "plugin failed to start");
+                return Err((pid, crash));
             }
         };
 
-        let version = connection.hello().version.clone();
-        let running = Running {
-            child: spawned.child,
-            pid,
-            connection,
-            tasks,
-            stderr_tail: spawned.stderr_tail,
-            output: spawned.output,
-            started_at: Instant::now(),
-        };
+        let version = running.connection.hello().version.clone();
         self.publish(PluginState::Ready, Some(&running));
-        tracing::info!(pid, %version, "plugin ready");
-        self.emit(EventKind::Ready { pid, version });
+        tracing::info!(pid = running.pid, %version, "plugin ready");
+        self.emit(EventKind::Ready {
+            pid: running.pid,
+            version: version.clone(),
+        });
+        self.activate(&version).await;
+        if let Some((done, requested_at)) = self.start_reply.take() {
+            let _ = done.send(Ok(Reloaded {
+                pid: Some(running.pid),
+                version: Some(version),
+                replaced: None,
+                swap_time: requested_at.elapsed(),
+            }));
+        }
         Ok(running)
     }
 
-    async fn reap_failed_start(&self, mut child: Child, tail: StderrTail, cause: String) -> Crash {
-        let exit = match tokio::time::timeout(EXIT_AFTER_CLOSE, child.wait()).await {
-            Ok(Ok(status)) => Some(ExitReason::from_status(status)),
-            _ => self.kill_and_reap(&mut child).await,
-        };
-        self.kill_leftovers().await;
-        Crash {
-            cause,
-            exit,
-            stderr_tail: snapshot(&tail),
-        }
+    /// Counts one more process started, and returns its number.
+    fn next_generation(&self) -> u64 {
+        let mut generation = 0;
+        self.status.send_modify(|status| {
+            status.generation += 1;
+            generation = status.generation;
+        });
+        generation
     }
 
     /// Serves the running process until it ends or is told to stop.
@@ -692,9 +745,24 @@ impl PluginTask {
                         return Ended::Idled;
                     }
                 }
+                started = swap::starting(&mut self.swap) => {
+                    // The old connection's pings and the new one's nonces
+                    // have nothing to do with each other.
+                    ping = None;
+                    self.swap_started(started, &mut running).await;
+                }
+                () = swap::retired(&mut self.retiring) => self.retire_finished(),
                 control = self.control.recv() => {
                     let ended = match control {
                         Some(Control::Wake) => continue,
+                        Some(Control::Swap { request, done }) => {
+                            self.request_swap(request, done);
+                            continue;
+                        }
+                        Some(Control::Versions { done }) => {
+                            let _ = done.send(self.versions());
+                            continue;
+                        }
                         Some(Control::Stop { done }) => Ended::Stopped { done },
                         Some(Control::Restart { done }) => Ended::Restarted { done },
                         None => Ended::Abandoned,
@@ -720,19 +788,21 @@ impl PluginTask {
     async fn crashed(&mut self, mut running: Running, cause: String, reap: Reap) -> Ended {
         running.connection.stop_accepting();
         self.publish(PluginState::Stopping, None);
+        self.settle_swaps(running.pid, "the serving process went away")
+            .await;
 
         let exit = match reap {
             Reap::Exited(exit) => exit,
             Reap::WaitThenKill => {
                 match tokio::time::timeout(EXIT_AFTER_CLOSE, running.child.wait()).await {
                     Ok(Ok(status)) => Some(ExitReason::from_status(status)),
-                    _ => self.kill_and_reap(&mut running.child).await,
+                    _ => kill_and_reap(&self.reaches, running.pid, &mut running.child).await,
                 }
             }
-            Reap::KillNow => self.kill_and_reap(&mut running.child).await,
+            Reap::KillNow => kill_and_reap(&self.reaches, running.pid, &mut running.child).await,
         };
         let pid = running.pid;
-        let (crash, uptime) = self.finish(running, cause, exit).await;
+        let (crash, uptime) = finish(&self.reaches, running, cause, exit).await;
         tracing::warn!(pid, %crash, "plugin went away");
         Ended::Crashed {
             pid: Some(pid),
@@ -746,102 +816,29 @@ impl PluginTask {
     async fn stop_gracefully(&mut self, mut running: Running) -> Option<ExitReason> {
         running.connection.stop_accepting();
         self.publish(PluginState::Stopping, None);
+        self.settle_swaps(running.pid, "the plugin is stopping")
+            .await;
         tracing::info!(pid = running.pid, "stopping plugin");
 
-        running.connection.send(HostMessage::Shutdown);
-        let patience = self.spec.stop_timeout;
-        let mut exit = match tokio::time::timeout(patience, running.child.wait()).await {
-            Ok(Ok(status)) => Some(ExitReason::from_status(status)),
-            _ => None,
-        };
-        if exit.is_none() {
-            tracing::info!(
-                pid = running.pid,
-                "plugin ignored shutdown; sending SIGTERM"
-            );
-            let _ = killpg(Pid::from_raw(running.pid as i32), Signal::SIGTERM);
-            exit = match tokio::time::timeout(patience, running.child.wait()).await {
-                Ok(Ok(status)) => Some(ExitReason::from_status(status)),
-                _ => None,
-            };
-        }
-        if exit.is_none() {
-            tracing::warn!(pid = running.pid, "plugin ignored SIGTERM; killing it");
-            exit = self.kill_and_reap(&mut running.child).await;
-        }
-
-        self.finish(running, "plugin stopped".to_owned(), exit)
-            .await;
+        let exit = stop_process(&self.reaches, &mut running, self.spec.stop_timeout).await;
+        finish(&self.reaches, running, "plugin stopped".to_owned(), exit).await;
         self.emit(EventKind::Stopped { exit });
         exit
     }
 
-    /// The common end of every process: leftovers killed, output drained,
-    /// waiting calls failed with the full story.
-    async fn finish(
-        &mut self,
-        running: Running,
-        cause: String,
-        exit: Option<ExitReason>,
-    ) -> (Crash, Duration) {
-        self.kill_leftovers().await;
-        let drained = async {
-            for output in running.output {
-                let _ = output.await;
-            }
-        };
-        let _ = tokio::time::timeout(OUTPUT_DRAIN, drained).await;
-        running.tasks.abort();
-
-        let crash = Crash {
-            cause,
-            exit,
-            stderr_tail: snapshot(&running.stderr_tail),
-        };
-        running.connection.close(&crash);
-        (crash, running.started_at.elapsed())
-    }
-
-    async fn kill_and_reap(&self, child: &mut Child) -> Option<ExitReason> {
-        if let Some(reach) = lock(&self.reach).as_ref() {
-            reach.kill();
-        }
-        let _ = child.start_kill();
-        child.wait().await.ok().map(ExitReason::from_status)
-    }
-
-    /// Kills whatever is left of the plugin's process tree (grandchildren in
-    /// its process group or its cgroup), waits for the cgroup to empty, and
-    /// removes it.
-    async fn kill_leftovers(&self) {
-        let Some(reach) = lock(&self.reach).take() else {
-            return;
-        };
-        reach.kill();
-        if let Some(cgroup) = &reach.cgroup {
-            let emptied = async {
-                while !cgroup.is_empty() {
-                    tokio::time::sleep(CGROUP_POLL).await;
-                    cgroup.kill();
-                }
-            };
-            if tokio::time::timeout(CGROUP_EMPTY_WAIT, emptied)
-                .await
-                .is_err()
-            {
-                tracing::warn!("processes remain in the plugin's cgroup after SIGKILL");
-            }
-            cgroup.remove();
-        }
-        sandbox::guardian::untrack(reach.group);
-    }
-
-    /// Applies the restart policy after a crash.
+    /// Applies the restart policy after a crash, unless the crash condemns
+    /// a version that only just took over.
     async fn after_crash(&mut self, pid: Option<u32>, crash: Crash, uptime: Duration) -> Next {
         self.emit(EventKind::Crashed {
             pid,
             crash: crash.clone(),
         });
+        if let Some((done, _)) = self.start_reply.take() {
+            let _ = done.send(Err(format!("the new version did not start: {crash}")));
+        }
+        if let Some(previous) = self.condemned(false) {
+            return self.roll_back_automatically(previous, &crash);
+        }
 
         // Status zero after breaking the protocol is still a failure.
         let clean = crash.exit.is_some_and(ExitReason::is_clean) && crash.cause == PROCESS_EXITED;
@@ -851,6 +848,9 @@ impl PluginTask {
             RestartMode::Always => true,
         };
         if !restart {
+            if !clean && let Some(previous) = self.condemned(true) {
+                return self.roll_back_automatically(previous, &crash);
+            }
             let state = if clean {
                 PluginState::Stopped
             } else {
@@ -867,6 +867,9 @@ impl PluginTask {
         {
             Decision::RestartAfter(delay) => self.back_off(delay).await,
             Decision::GiveUp { restarts, window } => {
+                if let Some(previous) = self.condemned(true) {
+                    return self.roll_back_automatically(previous, &crash);
+                }
                 let reason = format!(
                     "restarted {restarts} times within {}; last failure: {crash}",
                     humantime::format_duration(window)
@@ -889,6 +892,15 @@ impl PluginTask {
                 _ = &mut wait => return Next::Start,
                 control = self.control.recv() => match control {
                     Some(Control::Wake) => {}
+                    Some(Control::Versions { done }) => {
+                        let _ = done.send(self.versions());
+                    }
+                    Some(Control::Swap { request, done }) => {
+                        if self.adopt_while_down(request, done, false).await {
+                            self.backoff.reset();
+                            return Next::Start;
+                        }
+                    }
                     Some(Control::Stop { done }) => {
                         let _ = done.send(());
                         return self.stay_down(PluginState::Stopped).await;
@@ -910,6 +922,13 @@ impl PluginTask {
                 _ = &mut gate => return Next::Start,
                 control = self.control.recv() => match control {
                     Some(Control::Wake) => {}
+                    Some(Control::Versions { done }) => {
+                        let _ = done.send(self.versions());
+                    }
+                    // Adopted now, started when the gate opens.
+                    Some(Control::Swap { request, done }) => {
+                        self.adopt_while_down(request, done, false).await;
+                    }
                     Some(Control::Stop { done }) => {
                         let _ = done.send(());
                         return self.stay_down(PluginState::Stopped).await;
@@ -926,17 +945,27 @@ impl PluginTask {
         self.publish(PluginState::Idle, None);
         self.emit(EventKind::Idle);
         tracing::info!("plugin idle: no process until a call arrives");
-        match self.control.recv().await {
-            Some(Control::Wake) => {
-                tracing::info!("a call is waiting; starting the idle plugin");
-                Next::Start
+        loop {
+            match self.control.recv().await {
+                Some(Control::Wake) => {
+                    tracing::info!("a call is waiting; starting the idle plugin");
+                    return Next::Start;
+                }
+                Some(Control::Versions { done }) => {
+                    let _ = done.send(self.versions());
+                }
+                // The next call starts the new version.
+                Some(Control::Swap { request, done }) => {
+                    self.adopt_while_down(request, done, true).await;
+                    self.publish(PluginState::Idle, None);
+                }
+                Some(Control::Restart { done }) => return self.restart_requested(done),
+                Some(Control::Stop { done }) => {
+                    let _ = done.send(());
+                    return self.stay_down(PluginState::Stopped).await;
+                }
+                None => return Next::Exit,
             }
-            Some(Control::Restart { done }) => self.restart_requested(done),
-            Some(Control::Stop { done }) => {
-                let _ = done.send(());
-                self.stay_down(PluginState::Stopped).await
-            }
-            None => Next::Exit,
         }
     }
 
@@ -967,11 +996,191 @@ impl PluginTask {
                 // A stopped or failed plugin is not woken by calls; they
                 // fail fast instead.
                 Some(Control::Wake) => {}
+                Some(Control::Versions { done }) => {
+                    let _ = done.send(self.versions());
+                }
+                // A reload or rollback of a plugin that is down starts the
+                // version it names: that is what the operator asked for.
+                Some(Control::Swap { request, done }) => {
+                    if self.adopt_while_down(request, done, false).await {
+                        self.backoff.reset();
+                        self.publish(PluginState::Starting, None);
+                        return Next::Start;
+                    }
+                }
                 Some(Control::Restart { done }) => return self.restart_requested(done),
                 None => return Next::Exit,
             }
         }
     }
+}
+
+/// Spawns a process of `spec` and completes the handshake, registering the
+/// process tree in `reaches` for as long as it may hold processes.
+async fn launch(
+    spec: Arc<PluginSpec>,
+    reaches: Reaches,
+    emitter: Emitter,
+    generation: u64,
+) -> Result<Running, (Option<u32>, Crash)> {
+    let spawned = spawn_plugin(&spec).await.map_err(|err| {
+        let crash = Crash {
+            cause: err.to_string(),
+            exit: None,
+            stderr_tail: Vec::new(),
+        };
+        (None, crash)
+    })?;
+    let pid = spawned.pid;
+    reaches.add(Reach {
+        group: pid as i32,
+        cgroup: spawned.cgroup.clone(),
+    });
+    if !spawned.sandbox_gaps.is_empty() && generation == 1 {
+        let gaps = spawned.sandbox_gaps.join("; ");
+        tracing::warn!(%gaps, "the kernel cannot enforce part of this plugin's sandbox");
+    }
+    tracing::info!(pid, generation, "plugin process started");
+    emitter.emit(EventKind::Spawned { pid, generation });
+
+    let handshake = tokio::time::timeout(
+        spec.handshake_timeout,
+        Connection::handshake(spawned.channel, spec.max_frame, spec.version.as_ref()),
+    );
+    let failure = match handshake.await {
+        Ok(Ok(established)) => Ok(established),
+        Ok(Err(failure)) => Err(failure.to_string()),
+        Err(_) => Err(format!(
+            "no handshake within {}",
+            humantime::format_duration(spec.handshake_timeout)
+        )),
+    };
+    let (connection, tasks) = match failure {
+        Ok(established) => established,
+        Err(cause) => {
+            let crash =
+                reap_failed_start(&reaches, pid, spawned.child, spawned.stderr_tail, cause).await;
+            return Err((Some(pid), crash));
+        }
+    };
+
+    Ok(Running {
+        child: spawned.child,
+        pid,
+        connection,
+        tasks,
+        stderr_tail: spawned.stderr_tail,
+        output: spawned.output,
+        started_at: Instant::now(),
+        sandbox_gaps: spawned.sandbox_gaps,
+    })
+}
+
+async fn reap_failed_start(
+    reaches: &Reaches,
+    pid: u32,
+    mut child: Child,
+    tail: StderrTail,
+    cause: String,
+) -> Crash {
+    let exit = match tokio::time::timeout(EXIT_AFTER_CLOSE, child.wait()).await {
+        Ok(Ok(status)) => Some(ExitReason::from_status(status)),
+        _ => kill_and_reap(reaches, pid, &mut child).await,
+    };
+    kill_leftovers(reaches, pid).await;
+    Crash {
+        cause,
+        exit,
+        stderr_tail: snapshot(&tail),
+    }
+}
+
+/// The stages of a graceful stop: `Shutdown`, wait; SIGTERM to the group,
+/// wait; SIGKILL. Returns the exit once reaped.
+async fn stop_process(
+    reaches: &Reaches,
+    running: &mut Running,
+    patience: Duration,
+) -> Option<ExitReason> {
+    running.connection.send(HostMessage::Shutdown);
+    let mut exit = match tokio::time::timeout(patience, running.child.wait()).await {
+        Ok(Ok(status)) => Some(ExitReason::from_status(status)),
+        _ => None,
+    };
+    if exit.is_none() {
+        tracing::info!(
+            pid = running.pid,
+            "plugin ignored shutdown; sending SIGTERM"
+        );
+        let _ = killpg(Pid::from_raw(running.pid as i32), Signal::SIGTERM);
+        exit = match tokio::time::timeout(patience, running.child.wait()).await {
+            Ok(Ok(status)) => Some(ExitReason::from_status(status)),
+            _ => None,
+        };
+    }
+    if exit.is_none() {
+        tracing::warn!(pid = running.pid, "plugin ignored SIGTERM; killing it");
+        exit = kill_and_reap(reaches, running.pid, &mut running.child).await;
+    }
+    exit
+}
+
+/// The common end of every process: leftovers killed, output drained,
+/// waiting calls failed with the full story.
+async fn finish(
+    reaches: &Reaches,
+    running: Running,
+    cause: String,
+    exit: Option<ExitReason>,
+) -> (Crash, Duration) {
+    kill_leftovers(reaches, running.pid).await;
+    let drained = async {
+        for output in running.output {
+            let _ = output.await;
+        }
+    };
+    let _ = tokio::time::timeout(OUTPUT_DRAIN, drained).await;
+    running.tasks.abort();
+
+    let crash = Crash {
+        cause,
+        exit,
+        stderr_tail: snapshot(&running.stderr_tail),
+    };
+    running.connection.close(&crash);
+    (crash, running.started_at.elapsed())
+}
+
+async fn kill_and_reap(reaches: &Reaches, pid: u32, child: &mut Child) -> Option<ExitReason> {
+    reaches.kill(pid);
+    let _ = child.start_kill();
+    child.wait().await.ok().map(ExitReason::from_status)
+}
+
+/// Kills whatever is left of the process tree of the process `pid` leads
+/// (grandchildren in its process group or its cgroup), waits for the cgroup
+/// to empty, and removes it.
+async fn kill_leftovers(reaches: &Reaches, pid: u32) {
+    let Some(reach) = reaches.take(pid) else {
+        return;
+    };
+    reach.kill();
+    if let Some(cgroup) = &reach.cgroup {
+        let emptied = async {
+            while !cgroup.is_empty() {
+                tokio::time::sleep(CGROUP_POLL).await;
+                cgroup.kill();
+            }
+        };
+        if tokio::time::timeout(CGROUP_EMPTY_WAIT, emptied)
+            .await
+            .is_err()
+        {
+            tracing::warn!("processes remain in the plugin's cgroup after SIGKILL");
+        }
+        cgroup.remove();
+    }
+    sandbox::guardian::untrack(reach.group);
 }
 
 /// Why a process that exited by itself went away: usually just that, but
@@ -999,6 +1208,59 @@ impl Reach {
         if let Some(cgroup) = &self.cgroup {
             cgroup.kill();
         }
+    }
+}
+
+/// The process trees a plugin's task has alive: one, or two during a swap.
+/// Shared with the handle, which kills them all when dropped.
+#[derive(Clone, Default)]
+struct Reaches(Arc<Mutex<Vec<Reach>>>);
+
+impl Reaches {
+    fn add(&self, reach: Reach) {
+        lock(&self.0).push(reach);
+    }
+
+    /// Kills the tree of the process `pid` leads, if it is still known.
+    fn kill(&self, pid: u32) {
+        if let Some(reach) = lock(&self.0).iter().find(|r| r.group == pid as i32) {
+            reach.kill();
+        }
+    }
+
+    /// Forgets the tree of the process `pid` leads, handing it back.
+    fn take(&self, pid: u32) -> Option<Reach> {
+        let mut reaches = lock(&self.0);
+        let index = reaches.iter().position(|r| r.group == pid as i32)?;
+        Some(reaches.swap_remove(index))
+    }
+
+    /// The leaders of every tree known.
+    fn leaders(&self) -> Vec<u32> {
+        lock(&self.0).iter().map(|r| r.group as u32).collect()
+    }
+
+    fn kill_all(&self) {
+        for reach in lock(&self.0).iter() {
+            reach.kill();
+        }
+    }
+}
+
+/// Sends a plugin's events; cheap to clone into the futures of a swap.
+#[derive(Clone)]
+struct Emitter {
+    plugin: String,
+    events: broadcast::Sender<Event>,
+}
+
+impl Emitter {
+    fn emit(&self, kind: EventKind) {
+        // No receivers is normal: nobody has subscribed.
+        let _ = self.events.send(Event {
+            plugin: self.plugin.clone(),
+            kind,
+        });
     }
 }
 

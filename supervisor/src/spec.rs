@@ -55,6 +55,19 @@ pub struct PluginSpec {
     pub limits: Limits,
     /// What the plugin may touch, enforced by Landlock and credentials.
     pub permissions: Permissions,
+    /// A method a new generation must answer, called with JSON `null` within
+    /// `health_timeout`, before a reload routes calls to it. `None` trusts
+    /// the handshake alone.
+    pub health_method: Option<String>,
+    /// How long a generation being replaced may keep serving the calls it
+    /// had accepted before it is stopped; calls still running then fail.
+    pub drain_timeout: Duration,
+    /// When a newly swapped-in version counts as bad and is replaced by the
+    /// one before it.
+    pub rollback: RollbackPolicy,
+    /// The manifest that defined the plugin, if one did: the version store
+    /// keeps its text beside each binary.
+    pub manifest: Option<PathBuf>,
 }
 
 impl PluginSpec {
@@ -81,6 +94,10 @@ impl PluginSpec {
             version: None,
             limits: Limits::default(),
             permissions: Permissions::default(),
+            health_method: None,
+            drain_timeout: Duration::from_secs(30),
+            rollback: RollbackPolicy::default(),
+            manifest: None,
         }
     }
 }
@@ -216,6 +233,27 @@ impl Default for RestartPolicy {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             reset_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Automatic rollback: a version that crashes `crashes` times within
+/// `window` of taking over through a reload is replaced by the version that
+/// ran before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollbackPolicy {
+    /// Crashes (including failed restarts) that condemn a new version; zero
+    /// disables automatic rollback.
+    pub crashes: u32,
+    /// How long after the swap crashes count.
+    pub window: Duration,
+}
+
+impl Default for RollbackPolicy {
+    fn default() -> RollbackPolicy {
+        RollbackPolicy {
+            crashes: 3,
+            window: Duration::from_secs(60),
         }
     }
 }

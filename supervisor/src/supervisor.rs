@@ -12,8 +12,9 @@ use tracing::Instrument;
 
 use crate::error::{CallError, SupervisorError};
 use crate::event::Event;
-use crate::plugin::{Control, PluginHandle, PluginStatus};
+use crate::plugin::{Control, PluginHandle, PluginStatus, Reloaded, SwapRequest, VersionInfo};
 use crate::spec::PluginSpec;
+use crate::store::VersionStore;
 
 /// How many events a slow subscriber may fall behind before it misses some.
 const EVENT_BACKLOG: usize = 1024;
@@ -34,6 +35,9 @@ pub struct Supervisor {
 struct Inner {
     plugins: RwLock<HashMap<String, Arc<PluginHandle>>>,
     events: broadcast::Sender<Event>,
+    /// Where plugin binaries are kept for rollback; `None` runs them in
+    /// place.
+    store: Option<Arc<VersionStore>>,
 }
 
 impl Default for Supervisor {
@@ -43,12 +47,25 @@ impl Default for Supervisor {
 }
 
 impl Supervisor {
+    /// A supervisor that runs each plugin's binary where its spec says.
     pub fn new() -> Supervisor {
+        Supervisor::with_store(None)
+    }
+
+    /// A supervisor that copies every plugin binary it runs into `store`
+    /// and runs the copy, so that [`Supervisor::rollback`] can return to a
+    /// version whose file has since been replaced or deleted.
+    pub fn with_version_store(store: VersionStore) -> Supervisor {
+        Supervisor::with_store(Some(Arc::new(store)))
+    }
+
+    fn with_store(store: Option<Arc<VersionStore>>) -> Supervisor {
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         Supervisor {
             inner: Arc::new(Inner {
                 plugins: RwLock::default(),
                 events,
+                store,
             }),
         }
     }
@@ -102,9 +119,14 @@ impl Supervisor {
             return Err(SupervisorError::DuplicatePlugin { name: spec.name });
         }
         let name = spec.name.clone();
-        let handle = PluginHandle::start_after(spec, self.inner.events.clone(), gate);
+        let handle = self.start_handle(spec, gate);
         plugins.insert(name, Arc::new(handle));
         Ok(())
+    }
+
+    fn start_handle(&self, spec: PluginSpec, gate: Option<oneshot::Receiver<()>>) -> PluginHandle {
+        let events = self.inner.events.clone();
+        PluginHandle::start_after(spec, events, gate, self.inner.store.clone())
     }
 
     fn handle(&self, name: &str) -> Option<Arc<PluginHandle>> {
@@ -236,36 +258,95 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Puts `spec` in place of the plugin of the same name, or adds it. The
-    /// old process is stopped gracefully first, so its calls in flight
-    /// finish; calls made meanwhile go to the new definition and wait for its
-    /// process, within their deadline. Returns once the old process is gone.
+    /// Replaces the running version of plugin `name` with `spec` without
+    /// failing a call: a new process starts beside the old one, greets, and
+    /// answers `spec.health_method` (when set); only then do new calls go
+    /// to it, while the old process finishes the calls it had (within its
+    /// `drain_timeout`) and is stopped. Passing the plugin's current spec
+    /// (see [`Supervisor::spec`]) restarts it from the binary now at its
+    /// path. Returns once the old process is gone.
     ///
-    /// FIXME: this is stop-then-start, not hot reload: the plugin serves
-    /// nothing between the old process's exit and the new one's handshake,
-    /// and a caller that took the old plugin just before the swap gets
-    /// `PluginStopped`. Starting the new process first, draining the old one
-    /// and rolling back on failure is a separate issue.
+    /// A plugin with no process takes the new spec at once: a failed or
+    /// stopped one starts it (and this waits for that start), an idle one
+    /// starts it at its next call. Swaps requested while one is under way
+    /// run one after the other. After a swap, a new version that crashes
+    /// `spec.rollback.crashes` times within `spec.rollback.window` is
+    /// replaced by the previous one automatically.
+    ///
+    /// The concurrency limit (`max_concurrent_calls`) stays the one the
+    /// plugin was added with.
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError::UnknownPlugin`];
+    /// [`SupervisorError::ReloadFailed`] when the new version cannot be
+    /// stored, does not start, fails its handshake or health probe, or the
+    /// plugin stopped meanwhile. The running version then keeps serving,
+    /// and an [`EventKind::ReloadFailed`](crate::EventKind::ReloadFailed)
+    /// says why.
+    pub async fn reload(&self, name: &str, spec: PluginSpec) -> Result<Reloaded, SupervisorError> {
+        self.swap(name, SwapRequest::Reload(Box::new(spec))).await
+    }
+
+    /// Goes back to an earlier version of plugin `name` through the same
+    /// swap as [`Supervisor::reload`]: the version before the running one,
+    /// or the one whose semver version or hash prefix is `to`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Supervisor::reload`], and [`SupervisorError::ReloadFailed`]
+    /// when no such version is known.
+    pub async fn rollback(
+        &self,
+        name: &str,
+        to: Option<&str>,
+    ) -> Result<Reloaded, SupervisorError> {
+        self.swap(name, SwapRequest::Rollback(to.map(str::to_owned)))
+            .await
+    }
+
+    async fn swap(&self, name: &str, request: SwapRequest) -> Result<Reloaded, SupervisorError> {
+        let handle = self.require(name)?;
+        handle
+            .swap(request)
+            .await
+            .map_err(|reason| SupervisorError::ReloadFailed {
+                name: name.to_owned(),
+                reason,
+            })
+    }
+
+    /// The versions plugin `name` has run, the most recent first, the
+    /// running one marked: from the version store when there is one, else
+    /// those this supervisor remembers.
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError::UnknownPlugin`].
+    pub async fn versions(&self, name: &str) -> Result<Vec<VersionInfo>, SupervisorError> {
+        let handle = self.require(name)?;
+        Ok(handle.versions().await)
+    }
+
+    /// Puts `spec` in place of the plugin of the same name, through
+    /// [`Supervisor::reload`], or adds it when there is none.
+    ///
+    /// # Errors
+    ///
+    /// As [`Supervisor::reload`]; the old version then keeps serving.
     ///
     /// # Panics
     ///
     /// Outside a tokio runtime.
-    pub async fn replace(&self, spec: PluginSpec) {
-        let (open_gate, gate) = oneshot::channel();
+    pub async fn replace(&self, spec: PluginSpec) -> Result<Option<Reloaded>, SupervisorError> {
         let name = spec.name.clone();
-        let handle = PluginHandle::start_after(spec, self.inner.events.clone(), Some(gate));
-        let old = {
-            let mut plugins = self
-                .inner
-                .plugins
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
-            plugins.insert(name, Arc::new(handle))
-        };
-        if let Some(old) = old {
-            old.command(|done| Control::Stop { done }).await;
+        match self.insert(spec.clone(), None) {
+            Ok(()) => Ok(None),
+            Err(SupervisorError::DuplicatePlugin { .. }) => {
+                self.reload(&name, spec).await.map(Some)
+            }
+            Err(other) => Err(other),
         }
-        let _ = open_gate.send(());
     }
 
     /// Stops plugin `name` and forgets it.
@@ -299,7 +380,7 @@ impl Supervisor {
 
     /// The spec plugin `name` was added with.
     pub fn spec(&self, name: &str) -> Option<PluginSpec> {
-        self.handle(name).map(|handle| handle.spec().clone())
+        self.handle(name).map(|handle| (*handle.spec()).clone())
     }
 
     /// Lifecycle events from now on, for every plugin.

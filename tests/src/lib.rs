@@ -58,6 +58,47 @@ pub fn echo() -> PluginSpec {
     spec("echo", "aurora-plugin-echo")
 }
 
+/// A fresh, empty directory for one test, under the system's temporary
+/// directory; `name` tells tests apart, the pid test runs.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("aurora-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("the temporary directory is writable");
+    dir
+}
+
+/// Writes a build of the versioned plugin to `path`: its binary with the
+/// stamp `version` and `mode` appended (see the plugin's documentation).
+/// The file is written beside `path` and renamed over it, the way a deploy
+/// replaces a binary that may be running.
+pub fn stamp_build(path: &std::path::Path, version: &str, mode: &str) {
+    use std::os::unix::fs::PermissionsExt;
+
+    let mut bytes = std::fs::read(binary("aurora-plugin-versioned")).expect("the plugin is built");
+    bytes.extend_from_slice(format!("\naurora-build version={version} mode={mode}\n").as_bytes());
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, &bytes).expect("the build directory is writable");
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))
+        .expect("the build was just written");
+    std::fs::rename(&partial, path).expect("the build directory is writable");
+}
+
+/// A spec for the versioned plugin at `path`, probed through its `health`
+/// method on every reload.
+pub fn versioned(path: &std::path::Path) -> PluginSpec {
+    let mut spec = PluginSpec::new("versioned", path);
+    let test_spec = self::spec("versioned", "aurora-plugin-versioned");
+    spec.health_method = Some("health".to_owned());
+    spec.health_interval = None;
+    spec.health_timeout = Duration::from_secs(5);
+    spec.call_timeout = test_spec.call_timeout;
+    spec.handshake_timeout = test_spec.handshake_timeout;
+    spec.cancel_grace = test_spec.cancel_grace;
+    spec.stop_timeout = test_spec.stop_timeout;
+    spec.restart = test_spec.restart;
+    spec
+}
+
 /// The misbehave plugin, allowed to run programs from the usual binary
 /// directories: its `spawn_grandchild` method starts `sleep`, which the
 /// sandbox would otherwise refuse to execute, and the tests that use it are

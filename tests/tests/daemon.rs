@@ -385,17 +385,18 @@ fn every_control_command_works_against_a_running_daemon() {
     assert!(reloaded.contains("nothing changed"), "{reloaded}");
     assert_eq!(pid_of(&daemon.plugin("echo")), fourth_pid);
 
-    // logs -n: the latest lines, oldest first, here the lifecycle of the
-    // latest process.
+    // logs -n: the latest lines, oldest first, here the end of the swap
+    // that reload made: the new process serving, the old one stopped.
     let logs = daemon.cli_ok(&["logs", "echo", "-n", "2"]);
     let lines: Vec<&str> = logs.lines().collect();
     assert_eq!(lines.len(), 2, "{logs}");
     assert!(
-        lines[1].contains(&format!("plugin ready pid={fourth_pid}")),
+        lines[0].contains("aurora: new generation serving")
+            && lines[0].contains(&format!("pid={fourth_pid}")),
         "{logs}"
     );
     assert!(
-        lines[0].contains("aurora: plugin process started"),
+        lines[1].contains(&format!("replaced process stopped pid={third_pid}")),
         "{logs}"
     );
 
@@ -421,7 +422,7 @@ fn every_control_command_works_against_a_running_daemon() {
     let backlog = followed
         .recv_timeout(PATIENCE)
         .expect("the backlog arrives");
-    assert!(backlog.contains("plugin ready"), "{backlog}");
+    assert!(backlog.contains("replaced process stopped"), "{backlog}");
     let _ = daemon.cli(&["call", "echo", "crash"]);
     let mut seen = Vec::new();
     let deadline = Instant::now() + PATIENCE;

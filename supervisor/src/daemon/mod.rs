@@ -483,15 +483,13 @@ async fn launch(shared: Arc<Shared>, batch: Vec<(PluginDefinition, Launch)>) {
                     }
                 })
             }
-            Launch::Replace => Box::pin(async move {
-                task_shared.supervisor.replace(spec).await;
-                if !lazy {
-                    settle(&task_shared.supervisor, &task_name, patience).await;
-                }
-            }),
-            Launch::Restart => Box::pin(async move {
-                if task_shared.supervisor.restart(&task_name).await.is_ok() {
-                    settle(&task_shared.supervisor, &task_name, patience).await;
+            // Both swap safely: the new version starts beside the old one,
+            // which serves until the new one is ready and then drains.
+            Launch::Replace | Launch::Restart => Box::pin(async move {
+                match task_shared.supervisor.reload(&task_name, spec).await {
+                    Ok(_) if !lazy => settle(&task_shared.supervisor, &task_name, patience).await,
+                    Ok(_) => {}
+                    Err(err) => tracing::error!(plugin = %task_name, %err, "reload failed"),
                 }
             }),
         };
