@@ -407,7 +407,8 @@ async fn write_loop(
     mut outgoing: mpsc::UnboundedReceiver<HostMessage>,
     max_frame: u32,
 ) {
-    let mut buf = Vec::with_capacity(8 * 1024);
+    // Grown on the first write and kept: an idle plugin costs no buffer.
+    let mut buf = Vec::new();
     while let Some(first) = outgoing.recv().await {
         let mut next = Some(first);
         while let Some(message) = next.take() {
