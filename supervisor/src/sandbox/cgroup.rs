@@ -177,7 +177,6 @@ fn clean_stale(base: &Path) {
         if owner_alive {
             continue;
         }
-        tracing::info!(cgroup = %entry.path().display(), "removing a cgroup left by a supervisor that died");
         let parent = entry.path();
         let children: Vec<PathBuf> = fs::read_dir(&parent)
             .map(|dirs| {
@@ -191,7 +190,19 @@ fn clean_stale(base: &Path) {
             kill_members(child);
             let _ = fs::remove_dir(child);
         }
-        let _ = fs::remove_dir(&parent);
+        match fs::remove_dir(&parent) {
+            Ok(()) => tracing::info!(
+                cgroup = %parent.display(),
+                "removed a cgroup left by a supervisor that died"
+            ),
+            // Another user's leftovers, or processes still dying: the next
+            // start with the right to remove them will.
+            Err(err) => tracing::debug!(
+                cgroup = %parent.display(),
+                %err,
+                "cannot remove a cgroup left by a supervisor that died"
+            ),
+        }
     }
 }
 
