@@ -28,15 +28,19 @@ pub const CONTROL_SCHEMA: &str = "\
 ControlRequest{schema:u64,command:ControlCommand};\
 ControlCommand=Status|Call{plugin:str,method:str,payload:Payload,timeout_ms:Option<u64>}|\
 Start{plugin:str}|Stop{plugin:str}|Restart{plugin:str}|Reload{plugin:Option<str>}|\
-Logs{plugin:str,lines:u32,follow:bool}|Shutdown;\
+Logs{plugin:str,lines:u32,follow:bool}|Shutdown|Versions{plugin:str}|\
+Rollback{plugin:str,to:Option<str>};\
 ControlResponse=Status(DaemonStatus)|Reply(Payload)|Done{message:str}|Reloaded(ReloadSummary)|\
-Log(LogLine)|EndOfLogs|Error(ControlError);\
+Log(LogLine)|EndOfLogs|Error(ControlError)|Versions([VersionReport]);\
 DaemonStatus{pid:u32,version:str,uptime_ms:u64,config:str,socket:str,plugins:[PluginReport]};\
 PluginReport{name:str,state:str,reason:Option<str>,version:Option<str>,\
 declared_version:Option<str>,pid:Option<u32>,uptime_ms:Option<u64>,restarts:u64,calls:u64,\
 errors:u64,memory_bytes:Option<u64>,cpu_percent:Option<f32>,cpu_time_ms:Option<u64>,lazy:bool,\
 idle_timeout_ms:Option<u64>,requires:[str],origin:str};\
-ReloadSummary{started:[str],stopped:[str],replaced:[str],restarted:[str],unchanged:[str]};\
+ReloadSummary{started:[str],stopped:[str],replaced:[str],restarted:[str],unchanged:[str],\
+failed:[str]};\
+VersionReport{version:Option<str>,hash:Option<str>,binary:str,source:str,active:bool,\
+activated_unix_ms:Option<u64>};\
 LogLine{unix_ms:u64,level:LogLevel,source:str,text:str};\
 ControlError{kind:ControlErrorKind,message:str};\
 ControlErrorKind=Refused|Incompatible|BadRequest|UnknownPlugin|UnknownMethod|Timeout|Failed|\
@@ -97,6 +101,12 @@ pub enum ControlCommand {
     },
     /// Stop every plugin and exit.
     Shutdown,
+    /// The versions a plugin has run, the running one marked.
+    Versions { plugin: String },
+    /// Go back to an earlier version of a plugin through a safe swap: the
+    /// one before the running one, or the one `to` names (a semver version
+    /// or a hash prefix).
+    Rollback { plugin: String, to: Option<String> },
 }
 
 /// One frame of the daemon's answer.
@@ -115,6 +125,8 @@ pub enum ControlResponse {
     /// The backlog of a `Logs` request without `follow` is complete.
     EndOfLogs,
     Error(ControlError),
+    /// The answer to `Versions`, the most recently active first.
+    Versions(Vec<VersionReport>),
 }
 
 /// The daemon and its plugins, as `aurora status` shows them.
@@ -181,6 +193,28 @@ pub struct ReloadSummary {
     pub restarted: Vec<String>,
     /// Plugins left alone.
     pub unchanged: Vec<String>,
+    /// Plugins whose new version was refused (it did not start, greet or
+    /// pass its health probe), each as `name: reason`; their old version
+    /// keeps serving.
+    pub failed: Vec<String>,
+}
+
+/// One version of a plugin in the daemon's version store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionReport {
+    /// The semver version its processes reported, once one did.
+    pub version: Option<String>,
+    /// The SHA-256 of its binary, in hex.
+    pub hash: Option<String>,
+    /// The stored copy that runs.
+    pub binary: String,
+    /// Where the binary was copied from.
+    pub source: String,
+    /// Whether it is the version running now.
+    pub active: bool,
+    /// When it last became the running version, in milliseconds since the
+    /// Unix epoch.
+    pub activated_unix_ms: Option<u64>,
 }
 
 /// One line of a plugin's log: its stdout or stderr, a record it forwarded,
@@ -249,6 +283,11 @@ mod tests {
                 follow: true,
             },
             ControlCommand::Shutdown,
+            ControlCommand::Versions { plugin: "a".into() },
+            ControlCommand::Rollback {
+                plugin: "a".into(),
+                to: Some("1.2.0".into()),
+            },
         ]
     }
 
@@ -300,6 +339,14 @@ mod tests {
                 kind: ControlErrorKind::Timeout,
                 message: "too slow".into(),
             }),
+            ControlResponse::Versions(vec![VersionReport {
+                version: Some("1.2.0".into()),
+                hash: Some("ab".repeat(32)),
+                binary: "/var/lib/aurora/.versions/a/abab/a".into(),
+                source: "/usr/lib/aurora/a".into(),
+                active: true,
+                activated_unix_ms: Some(1),
+            }]),
         ]
     }
 
@@ -383,6 +430,6 @@ mod tests {
 
         // Pinned so that a schema edit is deliberate: update this value and
         // PROTOCOL.md together.
-        assert_eq!(CONTROL_FINGERPRINT, 0x8cbe_2ca5_f31a_13d4);
+        assert_eq!(CONTROL_FINGERPRINT, 0x95fe_051c_24b2_f16e);
     }
 }

@@ -97,8 +97,28 @@ enum Command {
     /// Stop a plugin if it runs and start it afresh.
     Restart { plugin: String },
     /// Re-read the config and manifests and apply the difference (like
-    /// SIGHUP); with a plugin, only for it, restarting it even if unchanged.
+    /// SIGHUP); with a plugin, only for it, swapping its process even if its
+    /// definition is unchanged, to pick up a new binary. A changed plugin's
+    /// new process starts beside the old one, which serves until the new
+    /// one is ready and then finishes its calls; no call fails.
     Reload { plugin: Option<String> },
+    /// List the versions of a plugin kept in the version store; `*` marks
+    /// the one running.
+    Versions {
+        plugin: String,
+        /// Print the daemon's report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Go back to an earlier version of a plugin, through the same safe
+    /// swap as reload.
+    Rollback {
+        plugin: String,
+        /// The version to run (a semver version or a hash prefix); the one
+        /// before the running one when left out.
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Print a plugin's recent log lines: its stdout, stderr, forwarded
     /// records and lifecycle.
     Logs {
@@ -223,6 +243,10 @@ fn run(cli: Cli, notifier: Notifier) -> anyhow::Result<()> {
             follow,
         } => runtime.block_on(logs(&socket, plugin, lines, follow)),
         Command::Shutdown => runtime.block_on(simple(&socket, ControlCommand::Shutdown)),
+        Command::Versions { plugin, json } => runtime.block_on(versions(&socket, plugin, json)),
+        Command::Rollback { plugin, to } => {
+            runtime.block_on(simple(&socket, ControlCommand::Rollback { plugin, to }))
+        }
     }
 }
 
@@ -361,10 +385,39 @@ async fn simple(socket: &Path, command: ControlCommand) -> anyhow::Result<()> {
         .single()
         .await
         .map_err(client_failure)?;
-    let text = match response {
-        ControlResponse::Done { message } => format!("{message}\n"),
-        ControlResponse::Reloaded(summary) => cli::output::reload_summary(&summary),
+    let (text, refused) = match response {
+        ControlResponse::Done { message } => (format!("{message}\n"), 0),
+        ControlResponse::Reloaded(summary) => {
+            let text = cli::output::reload_summary(&summary);
+            (text, summary.failed.len())
+        }
         other => anyhow::bail!("the daemon gave an unexpected answer: {other:?}"),
+    };
+    print_out(text.as_bytes())?;
+    if refused > 0 {
+        let plural = if refused == 1 { "" } else { "s" };
+        anyhow::bail!("{refused} plugin{plural} kept the old version: the new one was refused");
+    }
+    Ok(())
+}
+
+/// `aurora versions`.
+async fn versions(socket: &Path, plugin: String, json: bool) -> anyhow::Result<()> {
+    let response = client::send(socket, ControlCommand::Versions { plugin })
+        .await
+        .map_err(client_failure)?
+        .single()
+        .await
+        .map_err(client_failure)?;
+    let ControlResponse::Versions(versions) = response else {
+        anyhow::bail!("the daemon gave an unexpected answer: {response:?}");
+    };
+    let text = if json {
+        let mut text = serde_json::to_string_pretty(&versions).context("cannot print JSON")?;
+        text.push('\n');
+        text
+    } else {
+        cli::output::version_table(&versions)
     };
     print_out(text.as_bytes())
 }

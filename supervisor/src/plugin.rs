@@ -48,7 +48,7 @@ use crate::spec::{PluginSpec, RestartMode};
 use crate::store::VersionStore;
 use swap::{Build, Probation, Retiring, Swap};
 pub use swap::{Reloaded, VersionInfo};
-pub(crate) use swap::{SwapReply, SwapRequest};
+pub(crate) use swap::{SwapReply, SwapRequest, find_executable};
 
 /// How long a process that closed its socket has to exit on its own before
 /// it is killed.

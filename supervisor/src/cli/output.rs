@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use aurora_protocol::LogLevel;
-use aurora_protocol::control::{DaemonStatus, LogLine, ReloadSummary};
+use aurora_protocol::control::{DaemonStatus, LogLine, ReloadSummary, VersionReport};
 
 /// `aurora status`: a header line, one row per plugin, then the reason of
 /// each failed plugin.
@@ -97,11 +97,65 @@ pub fn reload_summary(summary: &ReloadSummary) -> String {
             let _ = writeln!(out, "{what}: {}", names.join(", "));
         }
     }
+    for refused in &summary.failed {
+        let _ = writeln!(out, "refused, old version kept: {refused}");
+    }
     let unchanged = summary.unchanged.len();
     if out.is_empty() {
         let _ = writeln!(out, "nothing changed ({unchanged} plugins unchanged)");
     } else if unchanged > 0 {
         let _ = writeln!(out, "unchanged: {unchanged} plugins");
+    }
+    out
+}
+
+/// `aurora versions`: one row per stored version, the running one marked
+/// with `*`, the most recently active first.
+pub fn version_table(versions: &[VersionReport]) -> String {
+    if versions.is_empty() {
+        return "no versions stored yet\n".to_owned();
+    }
+    let rows: Vec<[String; 4]> = versions
+        .iter()
+        .map(|v| {
+            let mark = if v.active { "*" } else { " " };
+            [
+                format!("{mark} {}", v.version.as_deref().unwrap_or("-")),
+                v.hash.as_deref().map_or_else(
+                    || "-".to_owned(),
+                    |hash| hash[..12.min(hash.len())].to_owned(),
+                ),
+                v.activated_unix_ms.map_or_else(
+                    || "-".to_owned(),
+                    |ms| {
+                        let at = UNIX_EPOCH + Duration::from_millis(ms);
+                        humantime::format_rfc3339_seconds(at).to_string()
+                    },
+                ),
+                v.source.clone(),
+            ]
+        })
+        .collect();
+    let header = ["  VERSION", "HASH", "LAST ACTIVE", "SOURCE"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut text = String::new();
+        for (cell, width) in cells.iter().zip(widths) {
+            let _ = write!(text, "{cell:<width$}  ");
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        line(&cells);
     }
     out
 }
@@ -208,6 +262,27 @@ mod tests {
             table.contains("a-long-name failed: exited with code 3"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn versions_mark_the_running_one() {
+        let report = |version: &str, active| VersionReport {
+            version: Some(version.into()),
+            hash: Some("0123456789abcdef".repeat(4)),
+            binary: "/var/lib/aurora/.versions/p/0123/p".into(),
+            source: "/usr/lib/aurora/p".into(),
+            active,
+            activated_unix_ms: Some(0),
+        };
+        let table = version_table(&[report("2.0.0", true), report("1.0.0", false)]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("  VERSION"), "{table}");
+        assert!(
+            lines[1].starts_with("* 2.0.0") && lines[1].contains("0123456789ab "),
+            "{table}"
+        );
+        assert!(lines[2].starts_with("  1.0.0"), "{table}");
+        assert!(lines[2].contains("1970-01-01T00:00:00Z"), "{table}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use aurora_protocol::control::{
     CONTROL_FINGERPRINT, CONTROL_MAX_FRAME, ControlCommand, ControlError, ControlErrorKind,
-    ControlRequest, ControlResponse, DaemonStatus, LogLine, PluginReport,
+    ControlRequest, ControlResponse, DaemonStatus, LogLine, PluginReport, VersionReport,
 };
 use aurora_protocol::{Encoding, FrameError, FrameReader, LogLevel, Payload, encode_frame};
 use interprocess::local_socket::tokio::prelude::*;
@@ -240,6 +240,8 @@ async fn handle(stream: Stream, shared: Arc<Shared>) {
             return;
         }
         ControlCommand::Shutdown => shutdown(&shared).await,
+        ControlCommand::Versions { plugin } => versions(&shared, &plugin).await,
+        ControlCommand::Rollback { plugin, to } => rollback(&shared, &plugin, to).await,
     };
     match outcome {
         Ok(response) => {
@@ -484,6 +486,56 @@ async fn reload(shared: &Shared, plugin: Option<String>) -> Result<ControlRespon
         .map_err(|_| gone())?;
     let summary = answer.await.map_err(|_| gone())??;
     Ok(ControlResponse::Reloaded(summary))
+}
+
+async fn versions(shared: &Shared, plugin: &str) -> Result<ControlResponse, ControlError> {
+    let versions = shared
+        .supervisor
+        .versions(plugin)
+        .await
+        .map_err(|_| unknown_plugin(plugin, shared))?;
+    let reports = versions
+        .into_iter()
+        .map(|version| VersionReport {
+            version: version.version,
+            hash: version.hash,
+            binary: version.binary.display().to_string(),
+            source: version.source.display().to_string(),
+            active: version.active,
+            activated_unix_ms: version.activated.and_then(|at| {
+                let since_epoch = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+                Some(millis(since_epoch))
+            }),
+        })
+        .collect();
+    Ok(ControlResponse::Versions(reports))
+}
+
+/// A rollback is a swap inside the plugin's task, which orders it with any
+/// reload of the same plugin; the plan is left alone, so the next reload
+/// of a changed definition moves forward again.
+async fn rollback(
+    shared: &Shared,
+    plugin: &str,
+    to: Option<String>,
+) -> Result<ControlResponse, ControlError> {
+    if shared.supervisor.status(plugin).is_none() {
+        return Err(unknown_plugin(plugin, shared));
+    }
+    match shared.supervisor.rollback(plugin, to.as_deref()).await {
+        Ok(done) => {
+            let version = done.version.as_deref().unwrap_or("the earlier version");
+            let mut message = format!("{plugin} rolled back to {version}");
+            if let Some(pid) = done.pid {
+                message.push_str(&format!(" (pid {pid})"));
+            }
+            if let Some(replaced) = done.replaced {
+                message.push_str(&format!("; pid {replaced} finished its calls and stopped"));
+            }
+            Ok(ControlResponse::Done { message })
+        }
+        Err(err) => Err(failure(ControlErrorKind::Failed, err.to_string())),
+    }
 }
 
 async fn shutdown(shared: &Shared) -> Result<ControlResponse, ControlError> {

@@ -31,12 +31,13 @@ pub mod notify;
 pub mod resolve;
 pub mod settings;
 mod stats;
+pub mod watcher;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use aurora_protocol::PROTOCOL_VERSION;
@@ -47,6 +48,7 @@ use crate::config::{DEFAULT_CONFIG, executable_dir};
 use crate::event::EventKind;
 use crate::plugin::PluginState;
 use crate::spec::PluginSpec;
+use crate::store::VersionStore;
 use crate::supervisor::Supervisor;
 use document::{PluginDefinition, Problem};
 use logs::LogStore;
@@ -214,6 +216,9 @@ pub(crate) struct Shared {
     pub(crate) commands: mpsc::Sender<Command>,
     /// Becomes true when the daemon begins to stop; ends log followers.
     pub(crate) stopping: watch::Receiver<bool>,
+    /// Counts changes of the plan, so the file watcher knows when to look
+    /// at other paths.
+    pub(crate) plan_changes: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -257,8 +262,12 @@ pub async fn run(loaded: Loaded, options: DaemonOptions) -> Result<(), DaemonErr
 
     let (commands_tx, mut commands) = mpsc::channel(16);
     let (stopping_tx, stopping) = watch::channel(false);
+    // Outside every plugin's own state directory: a plugin must not be able
+    // to change the binaries it would be rolled back to. No plugin name
+    // starts with a dot.
+    let store = VersionStore::new(settings.state_dir.join(".versions"), settings.keep_versions);
     let shared = Arc::new(Shared {
-        supervisor: Supervisor::new(),
+        supervisor: Supervisor::with_version_store(store),
         plan: RwLock::new(plan.clone()),
         settings,
         logs: options.logs,
@@ -267,8 +276,13 @@ pub async fn run(loaded: Loaded, options: DaemonOptions) -> Result<(), DaemonErr
         source,
         commands: commands_tx,
         stopping,
+        plan_changes: watch::channel(0).0,
     });
     let server = tokio::spawn(control::serve(listener, Arc::clone(&shared)));
+    let watcher = shared
+        .settings
+        .watch
+        .then(|| tokio::spawn(watcher::watch_plugins(Arc::clone(&shared))));
     let mut events = shared.supervisor.subscribe();
 
     tracing::info!(
@@ -298,7 +312,7 @@ pub async fn run(loaded: Loaded, options: DaemonOptions) -> Result<(), DaemonErr
 
     let shutdown_reply = loop {
         tokio::select! {
-            () = &mut startup, if !started => {
+            _ = &mut startup, if !started => {
                 started = true;
                 let summary = summary(&shared.supervisor);
                 let statuses = shared.supervisor.statuses();
@@ -380,6 +394,9 @@ pub async fn run(loaded: Loaded, options: DaemonOptions) -> Result<(), DaemonErr
     }
     // Give connections a moment to deliver their last answers; the listener
     // removes the socket file when it is dropped with the server task.
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     Ok(())
 }
@@ -458,13 +475,23 @@ async fn in_order(steps: Vec<Step>) {
 
 /// Puts a batch of plugins in place in dependency order. New plugins are
 /// added at once, so calls to them wait rather than fail while their
-/// requirements start.
-async fn launch(shared: Arc<Shared>, batch: Vec<(PluginDefinition, Launch)>) {
+/// requirements start. Returns the plugins whose new version was refused,
+/// with the reason; their old version keeps serving.
+async fn launch(
+    shared: Arc<Shared>,
+    batch: Vec<(PluginDefinition, Launch)>,
+) -> Vec<(String, String)> {
+    let refused = Arc::new(Mutex::new(Vec::new()));
     let mut steps = Vec::with_capacity(batch.len());
     for (definition, how) in batch {
         let name = definition.spec.name.clone();
         let after = definition.requires.iter().map(|r| r.name.clone()).collect();
-        let spec = with_state_dir(&shared.settings, definition.spec);
+        let manifest = definition.origin.line.is_none();
+        let mut spec = with_state_dir(&shared.settings, definition.spec);
+        if manifest {
+            spec.manifest = Some(PathBuf::from(&definition.origin.file));
+        }
+        let task_refused = Arc::clone(&refused);
         let lazy = spec.lazy;
         let patience = settle_patience(&spec);
         let task_shared = Arc::clone(&shared);
@@ -489,13 +516,25 @@ async fn launch(shared: Arc<Shared>, batch: Vec<(PluginDefinition, Launch)>) {
                 match task_shared.supervisor.reload(&task_name, spec).await {
                     Ok(_) if !lazy => settle(&task_shared.supervisor, &task_name, patience).await,
                     Ok(_) => {}
-                    Err(err) => tracing::error!(plugin = %task_name, %err, "reload failed"),
+                    Err(err) => {
+                        tracing::error!(plugin = %task_name, %err, "reload failed");
+                        let reason = match err {
+                            crate::SupervisorError::ReloadFailed { reason, .. } => reason,
+                            other => other.to_string(),
+                        };
+                        lock(&task_refused).push((task_name, reason));
+                    }
                 }
             }),
         };
         steps.push(Step { name, after, work });
     }
     in_order(steps).await;
+    std::mem::take(&mut *lock(&refused))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 /// How long a dependent waits for a plugin to become ready before starting
@@ -696,9 +735,10 @@ async fn apply_reload(
         "applying the reloaded config"
     );
     remove_in_reverse_order(shared, &old, &removed).await;
-    launch(Arc::clone(shared), batch).await;
+    let refused = launch(Arc::clone(shared), batch).await;
 
-    // The plan is the new one for what was reloaded, the old one elsewhere.
+    // The plan is the new one for what was reloaded, the old one elsewhere
+    // and for plugins whose new version was refused: they still run the old.
     match &only {
         None => next_plan = new,
         Some(name) => {
@@ -708,9 +748,29 @@ async fn apply_reload(
             }
         }
     }
+    for (name, reason) in &refused {
+        if let (Some(index), Some(previous)) = (
+            next_plan.plugins.iter().position(|p| &p.spec.name == name),
+            old.get(name),
+        ) {
+            next_plan.plugins[index] = previous.clone();
+        }
+        summary.replaced.retain(|n| n != name);
+        summary.restarted.retain(|n| n != name);
+        summary.failed.push(format!("{name}: {reason}"));
+    }
     *shared.plan.write().unwrap_or_else(|p| p.into_inner()) = next_plan;
+    shared.plan_changes.send_modify(|changes| *changes += 1);
     summary.stopped = removed;
     tracing::info!(unchanged = summary.unchanged.len(), "config reloaded");
+    if let (Some(name), [(_, reason)]) = (&only, &refused[..]) {
+        return Err(ControlError {
+            kind: ControlErrorKind::Failed,
+            message: format!(
+                "the new version of {name} was refused, and the old one keeps serving: {reason}"
+            ),
+        });
+    }
     Ok(summary)
 }
 

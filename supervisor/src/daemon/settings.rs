@@ -40,6 +40,10 @@ pub(crate) struct DaemonSection {
     log: Option<String>,
     log_format: Option<String>,
     log_lines: Option<usize>,
+    /// Versions of each plugin kept in the version store.
+    keep_versions: Option<usize>,
+    /// Whether a changed plugin binary or manifest is reloaded by itself.
+    watch: Option<bool>,
 }
 
 /// How the daemon writes its own log.
@@ -80,6 +84,12 @@ pub struct DaemonSettings {
     pub log_format: Option<LogFormat>,
     /// Lines kept per plugin for `aurora logs`.
     pub log_lines: usize,
+    /// Versions of each plugin kept in the version store, under
+    /// `state_dir/.versions`.
+    pub keep_versions: usize,
+    /// Whether plugin binaries and manifests are watched, and a change
+    /// reloads the plugin.
+    pub watch: bool,
 }
 
 /// Where the config came from, which decides some defaults.
@@ -173,10 +183,17 @@ impl DaemonSection {
             problem("daemon.log_lines must be at least 1".to_owned());
         }
 
+        let keep_versions = self.keep_versions.unwrap_or(crate::store::DEFAULT_KEEP);
+        if keep_versions == 0 {
+            problem("daemon.keep_versions must be at least 1".to_owned());
+        }
+
         if !problems.is_empty() {
             return Err(problems);
         }
         Ok(DaemonSettings {
+            keep_versions,
+            watch: self.watch.unwrap_or(true),
             runtime_dir,
             state_dir,
             plugins_dir,
@@ -297,6 +314,8 @@ mod tests {
         assert!(!settings.plugins_dir_required);
         assert_eq!(settings.socket_mode, 0o600);
         assert_eq!(settings.log_lines, DEFAULT_LOG_LINES);
+        assert_eq!(settings.keep_versions, crate::store::DEFAULT_KEEP);
+        assert!(settings.watch);
     }
 
     #[test]

@@ -624,7 +624,7 @@ async fn admit(store: Option<Arc<VersionStore>>, given: Arc<PluginSpec>) -> Resu
 
 /// A bare command name as the system would find it on `PATH`; anything
 /// with a slash as it is.
-fn find_executable(command: &Path) -> PathBuf {
+pub(crate) fn find_executable(command: &Path) -> PathBuf {
     if command.components().count() > 1 {
         return command.to_owned();
     }

@@ -1,0 +1,68 @@
+//! Hot reload through the real daemon: a binary copied over the watched
+//! path is picked up by itself, `aurora versions` and `aurora rollback`
+//! drive the version store, and a broken build is refused whichever way it
+//! arrives.
+
+use aurora_tests::daemon::{Daemon, TestDir, daemon_config, text};
+use aurora_tests::stamp_build;
+
+/// The version the versioned plugin reports through the daemon.
+fn served_version(daemon: &Daemon) -> String {
+    let reply = daemon.cli_ok(&["call", "versioned", "version"]);
+    let served: serde_json::Value = serde_json::from_str(&reply).expect("a JSON reply");
+    served["version"].as_str().expect("a version").to_owned()
+}
+
+#[test]
+fn a_binary_copied_over_the_watched_path_is_reloaded_and_can_be_rolled_back() {
+    let dir = TestDir::new("watch-reload");
+    std::fs::create_dir_all(dir.path.join("bin")).unwrap();
+    let binary = dir.path.join("bin/versioned");
+    stamp_build(&binary, "1.0.0", "healthy");
+    let plugin = format!(
+        "[[plugin]]\nname = \"versioned\"\ncommand = {binary:?}\nhealth_interval = \"off\"\n\
+         health_method = \"health\"\nhandshake_timeout = \"20s\"\n"
+    );
+    let config = dir.write("aurora.toml", &daemon_config(&dir, &plugin));
+    let mut daemon = Daemon::start(&dir, &config, &[]);
+    daemon.wait_for_line(&["aurora is running", "ready=1"]);
+    assert_eq!(served_version(&daemon), "1.0.0");
+
+    // A deploy that copies the new build over the old file in place: the
+    // watcher waits for the copy to settle, then swaps.
+    let staging = dir.path.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    stamp_build(&staging.join("versioned"), "2.0.0", "healthy");
+    std::fs::copy(staging.join("versioned"), &binary).unwrap();
+    daemon.wait_for_line(&["reloaded after a change on disk", "versioned"]);
+    assert_eq!(served_version(&daemon), "2.0.0");
+
+    let listed = daemon.cli_ok(&["versions", "versioned"]);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 3, "{listed}");
+    assert!(lines[1].starts_with("* 2.0.0"), "{listed}");
+    assert!(lines[2].starts_with("  1.0.0"), "{listed}");
+
+    let rolled = daemon.cli_ok(&["rollback", "versioned"]);
+    assert!(rolled.contains("rolled back to 1.0.0"), "{rolled}");
+    assert_eq!(served_version(&daemon), "1.0.0");
+    let forward = daemon.cli_ok(&["rollback", "versioned", "--to", "2.0.0"]);
+    assert!(forward.contains("rolled back to 2.0.0"), "{forward}");
+    assert_eq!(served_version(&daemon), "2.0.0");
+
+    // A broken build renamed into place is refused; 2.0.0 keeps serving.
+    stamp_build(&binary, "3.0.0", "exit-at-start");
+    daemon.wait_for_line(&["reload after a change on disk failed", "versioned"]);
+    assert_eq!(served_version(&daemon), "2.0.0");
+
+    // So is the same build asked for by name, with a failing exit code.
+    let refused = daemon.cli(&["reload", "versioned"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stdout));
+    let stderr = text(&refused.stderr);
+    assert!(stderr.contains("old one keeps serving"), "{stderr}");
+    assert_eq!(served_version(&daemon), "2.0.0");
+
+    let unknown = daemon.cli(&["rollback", "versioned", "--to", "9.9.9"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(text(&unknown.stderr).contains("9.9.9"));
+}
