@@ -204,7 +204,7 @@ pub struct ReloadSummary {
 pub struct VersionReport {
     /// The semver version its processes reported, once one did.
     pub version: Option<String>,
-    /// The SHA-256 of its binary, in hex.
+    /// The BLAKE3 hash of its binary, in hex.
     pub hash: Option<String>,
     /// The stored copy that runs.
     pub binary: String,

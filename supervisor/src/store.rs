@@ -2,7 +2,7 @@
 //! so that a rollback never depends on the old file still being on disk.
 //!
 //! Each plugin has a directory of its own, and each version a directory
-//! named after the first 16 hex digits of the binary's SHA-256:
+//! named after the first 16 hex digits of the binary's BLAKE3 hash:
 //!
 //! ```text
 //! <root>/<plugin>/active                     the hash of the version running now
@@ -22,12 +22,14 @@
 //! puts it in `<state_dir>/.versions`, a name no plugin can take), so a
 //! plugin cannot change the versions it will be rolled back to.
 
+use std::collections::HashMap;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// How many versions of each plugin a store keeps unless told otherwise.
 pub const DEFAULT_KEEP: usize = 5;
@@ -37,6 +39,10 @@ const ACTIVE_FILE: &str = "active";
 
 /// The name of each version's description.
 const ENTRY_FILE: &str = "entry.json";
+
+/// How long after its last change a file's stamp is trusted to tell its
+/// content.
+const RACY_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How many hex digits of the hash name a version's directory.
 const DIRECTORY_DIGITS: usize = 16;
@@ -55,6 +61,33 @@ pub enum StoreError {
 pub struct VersionStore {
     root: PathBuf,
     keep: usize,
+    /// The hash each source file had when last read, with what identified
+    /// the file then; an unchanged file is not read again.
+    hashed: Arc<Mutex<HashMap<PathBuf, (FileStamp, String)>>>,
+}
+
+/// What changes whenever a file's content may have: its device and inode
+/// (a rename into place), size, and modification and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            len: metadata.len(),
+            modified: (metadata.mtime(), metadata.mtime_nsec()),
+            changed: (metadata.ctime(), metadata.ctime_nsec()),
+        })
+    }
 }
 
 /// One stored version of a plugin.
@@ -63,7 +96,7 @@ pub struct StoredVersion {
     /// The semver version its processes reported; `None` until one said
     /// hello.
     pub version: Option<String>,
-    /// The SHA-256 of the binary, in hex.
+    /// The BLAKE3 hash of the binary, in hex.
     pub hash: String,
     /// The stored copy, which is what runs.
     pub binary: PathBuf,
@@ -85,6 +118,7 @@ impl VersionStore {
         VersionStore {
             root: root.into(),
             keep: keep.max(1),
+            hashed: Arc::default(),
         }
     }
 
@@ -111,19 +145,43 @@ impl VersionStore {
         source: &Path,
         manifest: Option<&Path>,
     ) -> Result<StoredVersion, StoreError> {
-        let bytes = std::fs::read(source).map_err(|err| StoreError::ReadBinary {
+        let read_error = |err| StoreError::ReadBinary {
             path: source.to_owned(),
             source: err,
-        })?;
-        let hash = hex(&Sha256::digest(&bytes));
-        let dir = self.plugin_dir(plugin).join(&hash[..DIRECTORY_DIGITS]);
-        if let Some(stored) = read_entry(&dir)
-            && stored.hash == hash
-            && stored.binary.is_file()
-        {
+        };
+
+        // Most reloads run a binary that was hashed before: known by its
+        // stamp, it is not read again.
+        let stamp = FileStamp::of(source);
+        let remembered = self
+            .hashed
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .get(source)
+            .filter(|(known, _)| Some(*known) == stamp)
+            .map(|(_, hash)| hash.clone());
+        let hash = match remembered {
+            Some(hash) => hash,
+            None => {
+                let file = std::fs::File::open(source).map_err(read_error)?;
+                let mut hasher = blake3::Hasher::new();
+                hasher.update_reader(file).map_err(read_error)?;
+                hasher.finalize().to_hex().to_string()
+            }
+        };
+        if let Some(stored) = self.stored(plugin, &hash) {
+            self.remember(source, stamp, &hash);
             return Ok(stored);
         }
 
+        // New: store the bytes read now, named by their own hash, in case
+        // the file changed since it was hashed.
+        let bytes = std::fs::read(source).map_err(read_error)?;
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        if let Some(stored) = self.stored(plugin, &hash) {
+            return Ok(stored);
+        }
+        let dir = self.plugin_dir(plugin).join(&hash[..DIRECTORY_DIGITS]);
         create_dir(&dir)?;
         let file_name = source
             .file_name()
@@ -141,7 +199,37 @@ impl VersionStore {
             active_unix_ms: now,
         };
         write_entry(&dir, &stored)?;
+        if FileStamp::of(source) == stamp {
+            self.remember(source, stamp, &stored.hash);
+        }
         Ok(stored)
+    }
+
+    /// The stored version with `hash`, if its copy is whole and present.
+    fn stored(&self, plugin: &str, hash: &str) -> Option<StoredVersion> {
+        let dir = self.plugin_dir(plugin).join(&hash[..DIRECTORY_DIGITS]);
+        read_entry(&dir).filter(|stored| stored.hash == hash && stored.binary.is_file())
+    }
+
+    /// Remembers the hash of `source` for as long as its stamp holds. A
+    /// file modified within the last [`RACY_WINDOW`] is not remembered:
+    /// timestamps are coarse, so a same-sized rewrite in that window could
+    /// keep its stamp (git's "racily clean" problem).
+    fn remember(&self, source: &Path, stamp: Option<FileStamp>, hash: &str) {
+        let Some(stamp) = stamp else {
+            return;
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let settled_before = now.as_secs() as i64 - RACY_WINDOW.as_secs() as i64;
+        if stamp.modified.0 >= settled_before || stamp.changed.0 >= settled_before {
+            return;
+        }
+        self.hashed
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .insert(source.to_owned(), (stamp, hash.to_owned()));
     }
 
     /// Records that the version with `hash` now runs and reported `version`,
@@ -267,16 +355,6 @@ fn read_entry(dir: &Path) -> Option<StoredVersion> {
 fn write_entry(dir: &Path, stored: &StoredVersion) -> Result<(), StoreError> {
     let text = serde_json::to_vec_pretty(stored).expect("a stored version always serializes");
     write_atomically(&dir.join(ENTRY_FILE), &text, 0o644)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        let _ = write!(text, "{byte:02x}");
-    }
-    text
 }
 
 fn unix_ms() -> u64 {

@@ -66,3 +66,30 @@ fn a_binary_copied_over_the_watched_path_is_reloaded_and_can_be_rolled_back() {
     assert_eq!(unknown.status.code(), Some(1));
     assert!(text(&unknown.stderr).contains("9.9.9"));
 }
+
+#[test]
+fn a_plugin_running_as_another_user_runs_its_stored_binary() {
+    if !aurora_tests::is_root() {
+        println!("skipping: switching users needs aurora to run as root");
+        return;
+    }
+    let dir = TestDir::new("store-as-nobody");
+    // The daemon's state directory (and so the store) lives in the test's
+    // directory; an older owner-only state directory is opened for search.
+    std::fs::create_dir_all(dir.path.join("state")).unwrap();
+    let owner_only = std::os::unix::fs::PermissionsExt::from_mode(0o700);
+    std::fs::set_permissions(dir.path.join("state"), owner_only).unwrap();
+    std::fs::create_dir_all(dir.path.join("bin")).unwrap();
+    let binary = dir.path.join("bin/versioned");
+    stamp_build(&binary, "1.0.0", "healthy");
+    let plugin = format!(
+        "[[plugin]]\nname = \"versioned\"\ncommand = {binary:?}\nhealth_interval = \"off\"\n\
+         handshake_timeout = \"20s\"\n[plugin.permissions]\nuser = \"nobody\"\n"
+    );
+    let config = dir.write("aurora.toml", &daemon_config(&dir, &plugin));
+    let mut daemon = Daemon::start(&dir, &config, &[]);
+    daemon.wait_for_line(&["aurora is running"]);
+    assert_eq!(served_version(&daemon), "1.0.0");
+    let listed = daemon.cli_ok(&["versions", "versioned"]);
+    assert!(listed.contains("* 1.0.0"), "{listed}");
+}

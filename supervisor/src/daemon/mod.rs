@@ -257,7 +257,11 @@ pub async fn run(loaded: Loaded, options: DaemonOptions) -> Result<(), DaemonErr
     let mut hangup = watch_signal(SignalKind::hangup(), "SIGHUP")?;
 
     control::prepare_runtime_dir(&settings)?;
-    prepare_dir(&settings.state_dir, 0o700)?;
+    // Searchable but not listable by others: a plugin that runs as another
+    // user must reach its stored binary under `.versions`, while each
+    // plugin's own directory stays 0700.
+    prepare_dir(&settings.state_dir, 0o711)?;
+    allow_search(&settings.state_dir)?;
     let listener = control::bind(&settings)?;
 
     let (commands_tx, mut commands) = mpsc::channel(16);
@@ -586,6 +590,26 @@ fn prepare_dir(dir: &Path, mode: u32) -> Result<(), DaemonError> {
             path: dir.to_owned(),
             source,
         })
+}
+
+/// Adds the search bit for everyone to `dir`, which an older daemon may
+/// have made owner-only.
+fn allow_search(dir: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let directory_error = |source| DaemonError::Directory {
+        path: dir.to_owned(),
+        source,
+    };
+    let mode = std::fs::metadata(dir)
+        .map_err(directory_error)?
+        .permissions()
+        .mode();
+    if mode & 0o111 == 0o111 {
+        return Ok(());
+    }
+    let searchable = std::fs::Permissions::from_mode((mode & 0o7777) | 0o111);
+    std::fs::set_permissions(dir, searchable).map_err(directory_error)
 }
 
 /// Stops every plugin of `plan` that is running, each after the plugins

@@ -71,7 +71,7 @@ pub struct VersionInfo {
     /// The semver version its processes reported; `None` if none ever said
     /// hello.
     pub version: Option<String>,
-    /// The SHA-256 of its binary, in hex, when there is a version store.
+    /// The BLAKE3 hash of its binary, in hex, when there is a version store.
     pub hash: Option<String>,
     /// What runs: the stored copy, or the binary in place without a store.
     pub binary: PathBuf,

@@ -14,6 +14,7 @@
 //! - `spawning.rs`: `spawn_ready`, `spawn_100`, `spawn_1000`;
 //! - `calls.rs`: `rtt_16b`, `rtt_64k`, `throughput`, `work_1ms`;
 //! - `memory.rs`: `idle_pss`, `supervisor_idle`;
+//! - `reload.rs`: `reload_failed_calls`, `reload_swap`, `reload_complete`;
 //! - `procfs.rs`: memory and CPU readings, and the open-file limit;
 //! - `binaries.rs`: finding the plugins and the floor next to the harness.
 //!
@@ -27,6 +28,7 @@ mod figure;
 mod floor;
 mod memory;
 mod procfs;
+mod reload;
 mod spawning;
 
 use std::future::Future;
@@ -83,6 +85,8 @@ pub struct Plan {
     pub throughput_time: Duration,
     pub work_reps: usize,
     pub work_calls: usize,
+    /// Reloads of one plugin under load for the reload figures.
+    pub reloads: usize,
 }
 
 impl Plan {
@@ -104,6 +108,7 @@ impl Plan {
                 throughput_time: Duration::from_millis(500),
                 work_reps: 3,
                 work_calls: 100,
+                reloads: 10,
             };
         }
         Plan {
@@ -122,6 +127,7 @@ impl Plan {
             throughput_time: Duration::from_secs(1),
             work_reps: 7,
             work_calls: 300,
+            reloads: 50,
         }
     }
 }
@@ -196,6 +202,10 @@ const GROUPS: &[Group] = &[
     Group {
         figures: &["work_1ms"],
         measure: calls::work_1ms,
+    },
+    Group {
+        figures: &["reload_failed_calls", "reload_swap", "reload_complete"],
+        measure: reload::reload_under_load,
     },
 ];
 

@@ -253,7 +253,8 @@ async fn ours_spawn_ready(echo: PathBuf, request: ByteBuf) -> anyhow::Result<Dur
     Ok(elapsed)
 }
 
-fn floor_spawn_ready(bench: &Bench, request: &BytesRequest) -> anyhow::Result<Duration> {
+/// The floor's cost of a new process: spawn, handshake and one call.
+pub fn floor_spawn_ready(bench: &Bench, request: &BytesRequest) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let mut floor = FloorChild::spawn(&bench.binaries.floor)?;
     floor.handshake()?;
