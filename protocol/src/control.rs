@@ -159,7 +159,8 @@ pub struct PluginReport {
     pub declared_version: Option<String>,
     pub pid: Option<u32>,
     pub uptime_ms: Option<u64>,
-    /// Processes started after the first.
+    /// Processes started after the first, less those started by reloads
+    /// and rollbacks.
     pub restarts: u64,
     /// Calls made, and how many of them failed, since the daemon started.
     pub calls: u64,

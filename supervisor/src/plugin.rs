@@ -111,6 +111,8 @@ pub(crate) struct Status {
     pub(crate) pid: Option<u32>,
     /// How many processes have been started.
     pub(crate) generation: u64,
+    /// How many of them were started by a reload or rollback.
+    pub(crate) swaps: u64,
     pub(crate) started_at: Option<std::time::Instant>,
     /// What the kernel could not enforce of the latest process's sandbox.
     pub(crate) sandbox_gaps: Vec<String>,
@@ -128,8 +130,11 @@ pub struct PluginStatus {
     /// The version the running process reported in its hello.
     pub version: Option<String>,
     pub methods: Vec<MethodInfo>,
-    /// Processes started so far; restarts are this minus one.
+    /// Processes started so far: the first, restarts, and the new
+    /// generations of reloads and rollbacks (`reloads`).
     pub generation: u64,
+    /// Processes started by reloads and rollbacks, refused ones included.
+    pub reloads: u64,
     pub uptime: Option<Duration>,
     /// Calls made to the plugin, and how many of them failed.
     pub calls: u64,
@@ -198,6 +203,7 @@ impl PluginHandle {
             connection: None,
             pid: None,
             generation: 0,
+            swaps: 0,
             started_at: None,
             sandbox_gaps: Vec::new(),
             spec: Arc::clone(&spec),
@@ -275,6 +281,7 @@ impl PluginHandle {
             version: hello.map(|h| h.version.clone()),
             methods: hello.map(|h| h.methods.clone()).unwrap_or_default(),
             generation: status.generation,
+            reloads: status.swaps,
             uptime: status.started_at.map(|t| t.elapsed()),
             calls: self.activity.calls(),
             errors: self.activity.errors(),

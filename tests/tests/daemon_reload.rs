@@ -62,6 +62,9 @@ fn a_binary_copied_over_the_watched_path_is_reloaded_and_can_be_rolled_back() {
     assert!(stderr.contains("old one keeps serving"), "{stderr}");
     assert_eq!(served_version(&daemon), "2.0.0");
 
+    // Four swaps, two refused: none of them is a restart.
+    assert_eq!(daemon.plugin("versioned")["restarts"], 0);
+
     let unknown = daemon.cli(&["rollback", "versioned", "--to", "9.9.9"]);
     assert_eq!(unknown.status.code(), Some(1));
     assert!(text(&unknown.stderr).contains("9.9.9"));

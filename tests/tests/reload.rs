@@ -119,6 +119,8 @@ async fn fifty_reloads_under_load_fail_no_call() {
     }
 
     let tally = load.finish().await;
+    let status = supervisor.status("versioned").unwrap();
+    assert_eq!((status.generation, status.reloads), (51, 50));
     assert!(
         tally.failures.is_empty(),
         "{} of {} calls failed: {:?}",
@@ -311,4 +313,84 @@ async fn a_call_in_flight_finishes_on_the_replaced_process() {
     assert!(!is_alive(old));
     supervisor.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_call_outliving_the_drain_timeout_fails_with_the_reason() {
+    let dir = scratch_dir("drain-timeout");
+    let path = dir.join("versioned");
+    stamp_build(&path, "1.0.0", "healthy");
+    let mut spec = versioned(&path);
+    spec.drain_timeout = std::time::Duration::from_millis(100);
+    let supervisor = Supervisor::new();
+    supervisor.add(spec.clone()).unwrap();
+    supervisor.wait_ready("versioned", PATIENCE).await.unwrap();
+
+    let slow = {
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move {
+            supervisor
+                .call::<u64, u64>("versioned", "sleep", &60_000)
+                .await
+        })
+    };
+    aurora_tests::wait_until("the slow call is in flight", || {
+        supervisor.status("versioned").unwrap().calls >= 1
+    })
+    .await;
+    stamp_build(&path, "2.0.0", "healthy");
+    supervisor.reload("versioned", spec).await.unwrap();
+    let err = slow.await.unwrap().unwrap_err();
+    assert!(
+        err.to_string().contains("replaced by a new version"),
+        "{err}"
+    );
+    assert_eq!(served(&supervisor).await.version, "2.0.0");
+    supervisor.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn an_idle_plugin_takes_the_new_version_at_its_next_call() {
+    let dir = scratch_dir("idle-reload");
+    let path = dir.join("versioned");
+    stamp_build(&path, "1.0.0", "healthy");
+    let mut spec = versioned(&path);
+    spec.lazy = true;
+    let supervisor = Supervisor::new();
+    supervisor.add(spec.clone()).unwrap();
+
+    stamp_build(&path, "2.0.0", "healthy");
+    let reloaded = supervisor.reload("versioned", spec).await.unwrap();
+    assert_eq!(reloaded.pid, None, "an idle plugin starts nothing");
+    assert_eq!(
+        supervisor.status("versioned").unwrap().state,
+        aurora_supervisor::PluginState::Idle
+    );
+    assert_eq!(served(&supervisor).await.version, "2.0.0");
+    supervisor.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_process_takes_its_children_with_it() {
+    let supervisor = aurora_tests::supervisor_with([aurora_tests::misbehave()]).await;
+    let grandchild: u32 = supervisor
+        .call("misbehave", "spawn_grandchild", &())
+        .await
+        .unwrap();
+    let old = pid_of(&supervisor, "misbehave");
+    assert!(is_alive(grandchild));
+
+    // The same spec: a new process from the same binary.
+    let spec = supervisor.spec("misbehave").unwrap();
+    let reloaded = supervisor.reload("misbehave", spec).await.unwrap();
+    assert_eq!(reloaded.replaced, Some(old));
+    assert_all_gone(&[old, grandchild]).await;
+    let still: String = supervisor
+        .call("misbehave", "ok", "still here")
+        .await
+        .unwrap();
+    assert_eq!(still, "still here");
+    supervisor.shutdown().await;
 }

@@ -356,7 +356,11 @@ async fn status(shared: &Shared) -> Result<DaemonStatus, ControlError> {
                     .map(ToString::to_string),
                 pid: status.pid,
                 uptime_ms: status.uptime.map(millis),
-                restarts: status.generation.saturating_sub(1),
+                // Reloads start processes too, but they are not restarts.
+                restarts: status
+                    .generation
+                    .saturating_sub(1)
+                    .saturating_sub(status.reloads),
                 calls: status.calls,
                 errors: status.errors,
                 memory_bytes: sample.map(|s| s.memory_bytes),

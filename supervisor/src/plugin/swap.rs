@@ -266,6 +266,7 @@ impl PluginTask {
         );
 
         let generation = self.next_generation();
+        self.status.send_modify(|status| status.swaps += 1);
         let store = self.store.clone();
         let reaches = self.reaches.clone();
         let emitter = self.emitter.clone();
@@ -699,6 +700,13 @@ async fn retire(mut old: Running, spec: Arc<PluginSpec>, reaches: Reaches, emitt
                 drain = %humantime::format_duration(drain),
                 "calls still running on the replaced process after the drain timeout; stopping it"
             );
+            // Failed now, with this reason, rather than with whatever the
+            // process answers while it shuts down.
+            old.connection.close(&Crash {
+                cause: cause.clone(),
+                exit: None,
+                stderr_tail: Vec::new(),
+            });
         }
     }
     if exit.is_none() {
