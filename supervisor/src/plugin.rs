@@ -795,8 +795,6 @@ impl PluginTask {
     async fn crashed(&mut self, mut running: Running, cause: String, reap: Reap) -> Ended {
         running.connection.stop_accepting();
         self.publish(PluginState::Stopping, None);
-        self.settle_swaps(running.pid, "the serving process went away")
-            .await;
 
         let exit = match reap {
             Reap::Exited(exit) => exit,
@@ -811,6 +809,10 @@ impl PluginTask {
         let pid = running.pid;
         let (crash, uptime) = finish(&self.reaches, running, cause, exit).await;
         tracing::warn!(pid, %crash, "plugin went away");
+        // After the dead process is dealt with, so its callers hear of it
+        // without waiting for a replaced process to drain.
+        self.settle_swaps(pid, "the serving process went away")
+            .await;
         Ended::Crashed {
             pid: Some(pid),
             crash,

@@ -273,8 +273,9 @@ impl Supervisor {
     /// `spec.rollback.crashes` times within `spec.rollback.window` is
     /// replaced by the previous one automatically.
     ///
-    /// The concurrency limit (`max_concurrent_calls`) stays the one the
-    /// plugin was added with.
+    /// FIXME: the concurrency limit (`max_concurrent_calls`) stays the one
+    /// the plugin was added with; the handle's semaphore is not resized by
+    /// a reload yet.
     ///
     /// # Errors
     ///

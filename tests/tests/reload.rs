@@ -394,3 +394,46 @@ async fn a_replaced_process_takes_its_children_with_it() {
     assert_eq!(still, "still here");
     supervisor.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_a_swap_ends_the_swap_and_leaves_nothing_behind() {
+    let dir = scratch_dir("crash-mid-swap");
+    let path = dir.join("versioned");
+    // The serving build dies at its second call, on cue. Its restart runs
+    // the stored copy, not the slow build then on disk.
+    stamp_build(&path, "1.0.0", "crash-after:2");
+    let supervisor = Supervisor::with_version_store(VersionStore::new(dir.join("store"), 5));
+    supervisor.add(versioned(&path)).unwrap();
+    supervisor.wait_ready("versioned", PATIENCE).await.unwrap();
+    assert_eq!(served(&supervisor).await.version, "1.0.0");
+    let mut events = supervisor.subscribe();
+
+    // A new build that takes long to greet: the swap is still starting it
+    // when the serving process dies.
+    stamp_build(&path, "2.0.0", "slow-start:60000");
+    let spec = supervisor.spec("versioned").unwrap();
+    let reloading = {
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move { supervisor.reload("versioned", spec).await })
+    };
+    let spawned = wait_for_event(&mut events, "versioned", |kind| {
+        matches!(kind, EventKind::Spawned { generation: 2, .. })
+    })
+    .await;
+    let EventKind::Spawned { pid: starting, .. } = spawned else {
+        unreachable!("matched above");
+    };
+    let _ = supervisor
+        .call::<_, Served>("versioned", "version", &())
+        .await;
+
+    let err = reloading.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("went away"), "{err}");
+    assert_all_gone(&[starting]).await;
+    // The restart policy brings the serving version back.
+    supervisor.wait_ready("versioned", PATIENCE).await.unwrap();
+    let status = supervisor.status("versioned").unwrap();
+    assert_eq!(status.version.as_deref(), Some("1.0.0"));
+    supervisor.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -19,7 +19,8 @@
 //! - `healthy` (the default);
 //! - `exit-at-start`: exits with code 1 before saying hello;
 //! - `unhealthy`: serves, but its `health` method fails;
-//! - `crash-after:N`: exits with code 3 on its N-th `version` call.
+//! - `crash-after:N`: exits with code 3 on its N-th `version` call;
+//! - `slow-start:MS`: waits MS milliseconds before saying hello.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::ExitCode;
@@ -42,6 +43,7 @@ enum Mode {
     ExitAtStart,
     Unhealthy,
     CrashAfter(u64),
+    SlowStart(u64),
 }
 
 /// What `version` answers: which build, and which process, served the call.
@@ -56,6 +58,9 @@ fn main() -> ExitCode {
     if mode == Mode::ExitAtStart {
         let _ = writeln!(std::io::stderr(), "versioned: this build exits at start");
         return ExitCode::from(1);
+    }
+    if let Mode::SlowStart(millis) = mode {
+        std::thread::sleep(Duration::from_millis(millis));
     }
 
     let served = AtomicU64::new(0);
@@ -114,11 +119,11 @@ fn read_stamp() -> (String, Mode) {
             Some(("mode", "exit-at-start")) => mode = Mode::ExitAtStart,
             Some(("mode", "unhealthy")) => mode = Mode::Unhealthy,
             Some(("mode", value)) => {
-                if let Some(limit) = value
-                    .strip_prefix("crash-after:")
-                    .and_then(|n| n.parse().ok())
-                {
+                let number = |prefix: &str| value.strip_prefix(prefix)?.parse().ok();
+                if let Some(limit) = number("crash-after:") {
                     mode = Mode::CrashAfter(limit);
+                } else if let Some(millis) = number("slow-start:") {
+                    mode = Mode::SlowStart(millis);
                 }
             }
             _ => {}

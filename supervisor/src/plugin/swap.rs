@@ -490,8 +490,10 @@ impl PluginTask {
                 .into_iter()
                 .filter(|stored| Some(&stored.hash) != self.build.hash.as_ref())
                 .map(|stored| {
-                    // Known only from the store (from before a restart of
-                    // the supervisor): the current spec, with its binary.
+                    // FIXME: a version known only from the store (from
+                    // before a restart of the supervisor) runs with the
+                    // current spec and its stored binary; its manifest text
+                    // is kept but not parsed back into a spec.
                     let mut given = (*self.build.given).clone();
                     given.command = stored.source.clone();
                     let mut run = given.clone();
