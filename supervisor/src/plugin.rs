@@ -687,11 +687,7 @@ impl PluginTask {
 
     /// Serves the running process until it ends or is told to stop.
     async fn serve(&mut self, mut running: Running) -> Ended {
-        let mut health = self.spec.health_interval.map(|period| {
-            let mut interval = tokio::time::interval_at(Instant::now() + period, period);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            interval
-        });
+        let mut health = health_checks(&self.spec);
         let mut ping: Option<(u64, Instant)> = None;
         let mut nonce = 0u64;
         let mut idle_check = self
@@ -756,7 +752,14 @@ impl PluginTask {
                     // The old connection's pings and the new one's nonces
                     // have nothing to do with each other.
                     ping = None;
-                    self.swap_started(started, &mut running).await;
+                    if self.swap_started(started, &mut running).await {
+                        // The new version's timings hold from its start.
+                        health = health_checks(&self.spec);
+                        idle_check = self
+                            .spec
+                            .idle_timeout
+                            .map(|timeout| running.started_at + timeout);
+                    }
                 }
                 () = swap::retired(&mut self.retiring) => self.retire_finished(),
                 control = self.control.recv() => {
@@ -1350,6 +1353,15 @@ mod idle {
 fn snapshot(tail: &StderrTail) -> Vec<String> {
     let tail = tail.lock().unwrap_or_else(|poison| poison.into_inner());
     tail.iter().cloned().collect()
+}
+
+/// The ping schedule of `spec`, the first ping one period from now.
+fn health_checks(spec: &PluginSpec) -> Option<tokio::time::Interval> {
+    spec.health_interval.map(|period| {
+        let mut interval = tokio::time::interval_at(Instant::now() + period, period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    })
 }
 
 async fn tick(interval: &mut Option<tokio::time::Interval>) {

@@ -437,3 +437,26 @@ async fn a_crash_during_a_swap_ends_the_swap_and_leaves_nothing_behind() {
     supervisor.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn the_new_spec_timings_hold_from_the_swap() {
+    let dir = scratch_dir("new-timings");
+    let (supervisor, _path) = running_version_one(&dir).await;
+    let mut events = supervisor.subscribe();
+
+    // Added without an idle timeout; the reloaded spec has one, so the new
+    // process goes idle without another start.
+    let mut spec = supervisor.spec("versioned").unwrap();
+    spec.idle_timeout = Some(std::time::Duration::from_millis(300));
+    supervisor.reload("versioned", spec).await.unwrap();
+    wait_for_event(&mut events, "versioned", |kind| {
+        matches!(kind, EventKind::Idle)
+    })
+    .await;
+    assert_eq!(
+        supervisor.spec("versioned").unwrap().idle_timeout,
+        Some(std::time::Duration::from_millis(300))
+    );
+    supervisor.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -315,12 +315,13 @@ impl PluginTask {
     }
 
     /// The new generation is ready, or failed: switch calls to it and
-    /// retire the old one, or keep the old one.
+    /// retire the old one, or keep the old one. Returns whether `running`
+    /// is now the new generation.
     pub(super) async fn swap_started(
         &mut self,
         started: Result<(Build, Running), String>,
         running: &mut Running,
-    ) {
+    ) -> bool {
         let swap = self
             .swap
             .take()
@@ -330,7 +331,7 @@ impl PluginTask {
             Err(reason) => {
                 self.swap_refused(reason, swap.reply);
                 self.next_queued();
-                return;
+                return false;
             }
         };
 
@@ -388,6 +389,7 @@ impl PluginTask {
             reply: swap.reply,
             report,
         });
+        true
     }
 
     /// The replaced generation is gone: the swap is complete.
