@@ -26,6 +26,7 @@
 mod swap;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -172,6 +173,9 @@ pub(crate) struct PluginHandle {
     status: watch::Receiver<Status>,
     control: mpsc::UnboundedSender<Control>,
     permits: Semaphore,
+    /// How many permits `permits` stands for now: the running spec's
+    /// `max_concurrent_calls`, once a resize after a reload has caught up.
+    permit_limit: AtomicUsize,
     activity: Arc<idle::Activity>,
     /// How to kill the running process trees without the task, for drops
     /// that cannot wait.
@@ -234,12 +238,14 @@ impl PluginHandle {
         };
         let span = tracing::info_span!("plugin", name = %spec.name);
         let task = tokio::spawn(task.run().instrument(span));
+        let permit_limit = AtomicUsize::new(spec.max_concurrent_calls.max(1));
         let permits = Semaphore::new(spec.max_concurrent_calls.max(1));
         PluginHandle {
             spec,
             status,
             control,
             permits,
+            permit_limit,
             activity,
             reaches,
             task,
@@ -353,10 +359,16 @@ impl PluginHandle {
     ) -> Result<Payload, CallError> {
         let plugin = &self.spec.name;
         // A reload may have changed the timeouts since the plugin was added.
-        let (call_timeout, cancel_grace) = {
+        let (call_timeout, cancel_grace, max_calls) = {
             let status = self.status.borrow();
-            (status.spec.call_timeout, status.spec.cancel_grace)
+            let spec = &status.spec;
+            (
+                spec.call_timeout,
+                spec.cancel_grace,
+                spec.max_concurrent_calls,
+            )
         };
+        self.resize_permits(max_calls);
         let timeout = timeout.unwrap_or(call_timeout);
         let deadline = Instant::now() + timeout;
         let timed_out = || CallError::Timeout {
@@ -428,6 +440,35 @@ impl PluginHandle {
                 connection.abandon(id, method, cancel_grace);
                 Err(timed_out())
             }
+        }
+    }
+
+    /// Makes the concurrency limit `wanted`, after a reload changed it.
+    /// Permits in use cannot be taken back: a smaller limit is reached as
+    /// they are returned, by later calls retrying the resize.
+    fn resize_permits(&self, wanted: usize) {
+        let wanted = wanted.max(1);
+        let current = self.permit_limit.load(Ordering::Acquire);
+        if wanted == current {
+            return;
+        }
+        // One caller resizes; the others go on with the limit as it is.
+        if self
+            .permit_limit
+            .compare_exchange(current, wanted, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        if wanted > current {
+            self.permits.add_permits(wanted - current);
+            return;
+        }
+        let excess = current - wanted;
+        let forgotten = self.permits.forget_permits(excess);
+        if forgotten < excess {
+            self.permit_limit
+                .fetch_add(excess - forgotten, Ordering::AcqRel);
         }
     }
 

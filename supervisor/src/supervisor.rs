@@ -273,9 +273,8 @@ impl Supervisor {
     /// `spec.rollback.crashes` times within `spec.rollback.window` is
     /// replaced by the previous one automatically.
     ///
-    /// FIXME: the concurrency limit (`max_concurrent_calls`) stays the one
-    /// the plugin was added with; the handle's semaphore is not resized by
-    /// a reload yet.
+    /// A new `max_concurrent_calls` takes effect with the calls that follow;
+    /// a smaller limit is reached as calls in flight end.
     ///
     /// # Errors
     ///

@@ -460,3 +460,39 @@ async fn the_new_spec_timings_hold_from_the_swap() {
     supervisor.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_larger_concurrency_limit_holds_after_the_reload() {
+    let dir = scratch_dir("more-permits");
+    let path = dir.join("versioned");
+    stamp_build(&path, "1.0.0", "healthy");
+    let mut spec = versioned(&path);
+    spec.max_concurrent_calls = 1;
+    let supervisor = Supervisor::new();
+    supervisor.add(spec.clone()).unwrap();
+    supervisor.wait_ready("versioned", PATIENCE).await.unwrap();
+
+    spec.max_concurrent_calls = 2;
+    supervisor.reload("versioned", spec).await.unwrap();
+    let long = {
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move {
+            supervisor
+                .call::<u64, u64>("versioned", "sleep", &60_000)
+                .await
+        })
+    };
+    aurora_tests::wait_until("the long call has begun", || {
+        supervisor.status("versioned").unwrap().calls >= 1
+    })
+    .await;
+    // With one permit this would wait for the long call and time out.
+    let quick: Served = supervisor
+        .call_with_timeout("versioned", "version", &(), Some(PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(quick.version, "1.0.0");
+    long.abort();
+    supervisor.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
