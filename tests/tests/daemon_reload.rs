@@ -96,3 +96,70 @@ fn a_plugin_running_as_another_user_runs_its_stored_binary() {
     let listed = daemon.cli_ok(&["versions", "versioned"]);
     assert!(listed.contains("* 1.0.0"), "{listed}");
 }
+
+#[test]
+fn sighup_swaps_a_changed_plugin_while_calls_go_on() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let dir = TestDir::new("sighup-swap");
+    std::fs::create_dir_all(dir.path.join("bin")).unwrap();
+    let binary = dir.path.join("bin/versioned");
+    stamp_build(&binary, "1.0.0", "healthy");
+    let plugin = |timeout: &str| {
+        format!(
+            "[[plugin]]\nname = \"versioned\"\ncommand = {binary:?}\nhealth_interval = \"off\"\n\
+             call_timeout = {timeout:?}\n"
+        )
+    };
+    let config = dir.write("aurora.toml", &daemon_config(&dir, &plugin("5s")));
+    let mut daemon = Daemon::start(&dir, &config, &[]);
+    daemon.wait_for_line(&["aurora is running", "ready=1"]);
+    let before = daemon.plugin("versioned")["pid"].clone();
+
+    // One caller, through the CLI, for as long as the reload takes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let caller = {
+        let socket = daemon.socket.clone();
+        let (stop, calls) = (Arc::clone(&stop), Arc::clone(&calls));
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let output =
+                    aurora_tests::daemon::cli_at(&socket, &["call", "versioned", "version"]);
+                if !output.status.success() {
+                    failures.push(text(&output.stderr));
+                }
+                calls.fetch_add(1, Ordering::Relaxed);
+            }
+            failures
+        })
+    };
+    let made = |n| {
+        let calls = Arc::clone(&calls);
+        move || calls.load(Ordering::Relaxed) >= n
+    };
+    wait_until_true(made(3));
+    dir.write("aurora.toml", &daemon_config(&dir, &plugin("6s")));
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let applied = daemon.wait_for_line(&["applying the reloaded config"]);
+    assert!(applied.contains("replaced=[\"versioned\"]"), "{applied}");
+    daemon.wait_for_line(&["config reloaded"]);
+    let after_reload = calls.load(Ordering::Relaxed);
+    wait_until_true(made(after_reload + 3));
+    stop.store(true, Ordering::Relaxed);
+
+    let failures = caller.join().unwrap();
+    assert!(failures.is_empty(), "calls failed: {failures:?}");
+    assert_ne!(daemon.plugin("versioned")["pid"], before);
+}
+
+/// Polls `condition` until it holds, for up to `PATIENCE`.
+fn wait_until_true(condition: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + aurora_tests::PATIENCE;
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "gave up waiting");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
