@@ -401,9 +401,15 @@ fn calibrate_spin() -> u64 {
 
 /// The in-process baseline: the plugin's loop, called as a plain function
 /// with a deadline as far off as a call's.
+///
+/// The answer goes through `black_box` too: callers that time this discard
+/// it, and with whole-program optimisation the compiler would otherwise drop
+/// the hashing and time an empty loop.
 fn in_process_spin(iterations: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(30);
-    work::spin(black_box(iterations), deadline).expect("thirty seconds is ample for the work")
+    let answer =
+        work::spin(black_box(iterations), deadline).expect("thirty seconds is ample for the work");
+    black_box(answer)
 }
 
 fn floor_spins(
