@@ -21,7 +21,7 @@ pub const HEADER_LEN: usize = 4;
 /// How much the reader asks the socket for at a time. Small enough that a
 /// thousand idle plugins cost little, large enough that a burst of small
 /// frames is read in one system call.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 2 * 1024;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
