@@ -5,7 +5,6 @@
 //! Nothing here sleeps to synchronise: tests wait for the daemon's log lines
 //! or for the CLI's answers, within [`PATIENCE`].
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -132,15 +131,7 @@ impl Daemon {
             command.env(name, value);
         }
         let mut child = command.spawn().expect("aurora starts");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (send, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let lines = crate::stderr_lines(&mut child);
         Daemon {
             child,
             lines,

@@ -385,3 +385,24 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid takes nothing, touches no memory and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// The lines `child` writes to its piped stderr, read on a thread of their
+/// own so a test can wait for one with a timeout.
+///
+/// # Panics
+///
+/// When the child's stderr was not piped.
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, BufReader};
+
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (send, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    lines
+}

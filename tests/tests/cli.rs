@@ -1,6 +1,5 @@
 //! The real `aurora` binary, driven the way a person or a script would.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -132,15 +131,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("aurora starts");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (send, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let lines = aurora_tests::stderr_lines(&mut child);
         Daemon {
             child,
             lines,
