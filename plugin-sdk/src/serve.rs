@@ -15,14 +15,12 @@ use std::rc::Rc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
+use aurora_protocol::channel::{self, ChannelReader, ChannelWriter};
 use aurora_protocol::{
     CHANNEL_FD_ENV, DEFAULT_MAX_FRAME, ErrorKind, FrameError, FrameReader, Hello, HostMessage,
     LOG_LEVEL_ENV, PROTOCOL_VERSION, PluginMessage, RemoteError, Reply, SCHEMA_FINGERPRINT,
     encode_frame,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::LocalSet;
 
@@ -132,7 +130,6 @@ fn take_channel_fd() -> Result<std::os::unix::net::UnixStream, ServeError> {
         .map_err(|errno| ServeError::Channel(errno.into()))?;
 
     let stream = std::os::unix::net::UnixStream::from(owned);
-    stream.set_nonblocking(true).map_err(ServeError::Channel)?;
     Ok(stream)
 }
 
@@ -140,8 +137,7 @@ async fn run_connection(
     plugin: Plugin,
     channel: std::os::unix::net::UnixStream,
 ) -> Result<(), ServeError> {
-    let stream = UnixStream::from_std(channel).map_err(ServeError::Channel)?;
-    let (read_half, write_half) = stream.into_split();
+    let (read_half, write_half) = channel::split(channel).map_err(ServeError::Channel)?;
     let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
 
     // The writer starts with the default limit; the supervisor's limit may be
@@ -203,7 +199,7 @@ async fn run_connection(
 }
 
 async fn read_loop(
-    reader: &mut FrameReader<OwnedReadHalf>,
+    reader: &mut FrameReader<ChannelReader>,
     serving: &Rc<Serving>,
 ) -> Result<(), ServeError> {
     loop {
@@ -304,7 +300,7 @@ fn panicked(panic: Box<dyn std::any::Any + Send>) -> RemoteError {
 }
 
 async fn write_loop(
-    mut socket: OwnedWriteHalf,
+    mut socket: ChannelWriter,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     max_frame: watch::Receiver<u32>,
 ) -> std::io::Result<()> {

@@ -7,6 +7,8 @@
 //! writing a plugin in another language.
 //!
 //! Layout:
+//! - [`channel`]: the socket between a supervisor and a plugin, split into
+//!   a reader and a writer;
 //! - [`codec`]: the body encoding (bincode, hidden behind two functions);
 //! - [`control`]: the daemon's control socket: the CLI's requests and the
 //!   daemon's answers;
@@ -14,6 +16,7 @@
 //! - [`message`]: the messages and the handshake compatibility check;
 //! - [`payload`]: call payloads tagged with their encoding.
 
+pub mod channel;
 pub mod codec;
 pub mod control;
 pub mod frame;

@@ -13,13 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use aurora_protocol::channel::{self, ChannelReader, ChannelWriter};
 use aurora_protocol::{
     Call, FrameError, FrameReader, Hello, HostMessage, LogLevel, LogRecord, PROTOCOL_VERSION,
     Payload, PluginMessage, RemoteError, Reply, Welcome, encode_frame,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -143,11 +141,11 @@ impl Connection {
     /// `expected_version` (when given) is refused. The caller bounds this
     /// with the handshake timeout.
     pub(crate) async fn handshake(
-        channel: UnixStream,
+        channel: std::os::unix::net::UnixStream,
         max_frame: u32,
         expected_version: Option<&semver::Version>,
     ) -> Result<(Arc<Connection>, ConnectionTasks), HandshakeFailure> {
-        let (read_half, mut write_half) = channel.into_split();
+        let (read_half, mut write_half) = channel::split(channel).map_err(FrameError::Io)?;
         let mut reader = FrameReader::new(read_half, max_frame);
         let hello = match reader.read::<PluginMessage>().await? {
             Some(PluginMessage::Hello(hello)) => hello,
@@ -379,7 +377,7 @@ fn check_version(
 }
 
 async fn read_loop(
-    mut reader: FrameReader<OwnedReadHalf>,
+    mut reader: FrameReader<ChannelReader>,
     connection: Arc<Connection>,
     pongs: watch::Sender<u64>,
     closed: oneshot::Sender<String>,
@@ -403,7 +401,7 @@ async fn read_loop(
 }
 
 async fn write_loop(
-    mut socket: OwnedWriteHalf,
+    mut socket: ChannelWriter,
     mut outgoing: mpsc::UnboundedReceiver<HostMessage>,
     max_frame: u32,
 ) {

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use aurora_protocol::{CHANNEL_FD, CHANNEL_FD_ENV, LOG_LEVEL_ENV};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -46,7 +45,7 @@ pub(crate) struct Spawned {
     pub(crate) child: Child,
     pub(crate) pid: u32,
     /// The supervisor's end of the plugin's socket.
-    pub(crate) channel: UnixStream,
+    pub(crate) channel: std::os::unix::net::UnixStream,
     pub(crate) stderr_tail: StderrTail,
     /// The tasks copying stdout and stderr into the log; they end when the
     /// plugin (and anything it started that shares the pipes) is gone.
@@ -106,8 +105,7 @@ pub(crate) async fn spawn_plugin(spec: &PluginSpec) -> Result<Spawned, SpawnErro
 
     let pid = child.id().unwrap_or_default();
     sandbox::guardian::track(pid as i32);
-    ours.set_nonblocking(true).map_err(spawn_error)?;
-    let channel = UnixStream::from_std(ours).map_err(spawn_error)?;
+    let channel = ours;
 
     let stderr_tail: StderrTail = Arc::default();
     let mut output = Vec::with_capacity(2);
