@@ -358,7 +358,7 @@ mod tests {
             method: "bytes".into(),
             payload: Payload {
                 encoding: Encoding::Bincode,
-                bytes: vec![1, 2, 3],
+                bytes: vec![1, 2, 3].into(),
             },
             timeout_ms: 1500,
         });
@@ -418,7 +418,7 @@ mod tests {
             id: 3,
             result: Ok(Payload {
                 encoding: Encoding::Bincode,
-                bytes: b"abc".to_vec(),
+                bytes: b"abc".to_vec().into(),
             }),
         });
         let err = PluginMessage::Reply(Reply {

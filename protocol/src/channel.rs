@@ -11,7 +11,8 @@
 //! for write readiness exists only while a write waits for a full socket
 //! buffer to drain.
 
-use std::io::{self, Read};
+use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use nix::errno::Errno;
+use nix::libc;
 use nix::sys::socket::{MsgFlags, Shutdown, send, shutdown};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, Interest, ReadBuf};
@@ -60,9 +62,13 @@ impl AsyncRead for ChannelReader {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut ready = ready!(self.socket.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match ready.try_io(|socket| socket.get_ref().as_ref().read(unfilled)) {
+            // SAFETY: recv only writes into the unfilled part, and only the
+            // bytes it reports are marked initialised below.
+            let unfilled = unsafe { buf.unfilled_mut() };
+            match ready.try_io(|socket| receive(socket.get_ref().as_raw_fd(), unfilled)) {
                 Ok(Ok(read)) => {
+                    // SAFETY: recv initialised exactly `read` bytes.
+                    unsafe { buf.assume_init(read) };
                     buf.advance(read);
                     return Poll::Ready(Ok(()));
                 }
@@ -70,6 +76,20 @@ impl AsyncRead for ChannelReader {
                 // Readiness was stale; `try_io` cleared it, so wait again.
                 Err(_would_block) => {}
             }
+        }
+    }
+}
+
+/// One non-blocking receive into memory that need not be initialised: a
+/// large frame's buffer is read into without being zeroed first.
+fn receive(socket: RawFd, into: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the kernel writes at most `into.len()` bytes into `into`.
+        let read = unsafe { libc::recv(socket, into.as_mut_ptr().cast(), into.len(), 0) };
+        match usize::try_from(read) {
+            Ok(read) => return Ok(read),
+            Err(_) if Errno::last() == Errno::EINTR => {}
+            Err(_) => return Err(io::Error::last_os_error()),
         }
     }
 }

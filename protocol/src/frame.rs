@@ -6,17 +6,29 @@
 //! typed error. A frame that arrives in pieces is simply waited for; only
 //! end-of-stream inside a frame is an error.
 
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 
 use crate::codec::{self, CodecError};
+use crate::payload;
 
 /// The default largest frame body, in bytes (16 MiB).
 pub const DEFAULT_MAX_FRAME: u32 = 16 * 1024 * 1024;
 
 /// The size of the length prefix.
 pub const HEADER_LEN: usize = 4;
+
+/// Bodies of at least this many bytes are read into a buffer of their own,
+/// which the payloads decoded from them then share. Smaller ones are read
+/// into one reused buffer and their payloads copied out, which costs less
+/// than an allocation.
+const SHARE_FROM: usize = 4 * 1024;
+
+/// The largest body buffer kept for reuse: one outsized frame should not pin
+/// its memory for the connection's whole life.
+const KEEP_SPARE: usize = 1024 * 1024;
 
 /// How much the reader asks the socket for at a time. Small enough that a
 /// thousand idle plugins cost little, large enough that a burst of small
@@ -42,7 +54,10 @@ pub enum FrameError {
 #[derive(Debug)]
 pub struct FrameReader<R> {
     stream: BufReader<R>,
+    /// The reused buffer for bodies smaller than [`SHARE_FROM`].
     body: Vec<u8>,
+    /// The buffer of the last larger body, up to [`KEEP_SPARE`] bytes.
+    spare: Option<Bytes>,
     max_frame: u32,
 }
 
@@ -52,6 +67,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             stream: BufReader::with_capacity(READ_BUFFER, stream),
             body: Vec::new(),
+            spare: None,
             max_frame,
         }
     }
@@ -86,6 +102,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
 
         let len = len as usize;
+        if len >= SHARE_FROM {
+            return self.read_shared(len).await.map(Some);
+        }
         if self.body.len() < len {
             self.body.resize(len, 0);
         }
@@ -102,10 +121,39 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 n => read += n,
             }
         }
+        codec::decode(body).map(Some).map_err(FrameError::Malformed)
+    }
 
-        let message = codec::decode(body).map_err(FrameError::Malformed)?;
-        self.shrink_after_large_frame(len);
-        Ok(Some(message))
+    /// Reads a large body into a buffer of its own, never zeroed, so that
+    /// the payloads decoded from it are slices of it and not copies.
+    async fn read_shared<T: DeserializeOwned>(&mut self, len: usize) -> Result<T, FrameError> {
+        // The last large frame's buffer is free again once nothing decoded
+        // from it is alive; reusing it spares the allocator a large block
+        // (which glibc would hand back to the kernel and fault in again).
+        let mut body = match self.spare.take().map(Bytes::try_into_mut) {
+            Some(Ok(mut spare)) => {
+                spare.clear();
+                spare.reserve(len);
+                spare
+            }
+            _ => BytesMut::with_capacity(len),
+        };
+        while body.len() < len {
+            let missing = len - body.len();
+            let mut rest = (&mut body).limit(missing);
+            if self.stream.read_buf(&mut rest).await? == 0 {
+                return Err(FrameError::Truncated {
+                    read: body.len(),
+                    expected: len,
+                });
+            }
+        }
+        let body = body.freeze();
+        let decoded = payload::decode_sharing(&body, codec::decode);
+        if body.len() <= KEEP_SPARE {
+            self.spare = Some(body);
+        }
+        decoded.map_err(FrameError::Malformed)
     }
 
     async fn read_header(&mut self) -> Result<Option<u32>, FrameError> {
@@ -124,16 +172,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
         }
         Ok(Some(u32::from_le_bytes(header)))
-    }
-
-    /// A single large frame should not pin its buffer for the connection's
-    /// whole life. Frames up to a mebibyte keep theirs: freeing and zeroing a
-    /// fresh buffer for every 64 KiB payload cost more than the payload.
-    fn shrink_after_large_frame(&mut self, len: usize) {
-        const KEEP: usize = 1024 * 1024;
-        if len > KEEP {
-            self.body = Vec::new();
-        }
     }
 }
 
@@ -222,6 +260,34 @@ mod tests {
             let err = reader.read::<HostMessage>().await.unwrap_err();
             assert!(
                 matches!(err, FrameError::Truncated { .. }),
+                "cut {cut}: {err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn large_frames_are_read_whole_or_reported_truncated() {
+        let call = HostMessage::Call(crate::Call {
+            id: 9,
+            method: "bytes".to_owned(),
+            payload: crate::Payload::json(vec![b'7'; 3 * SHARE_FROM]),
+            timeout_ms: 1,
+        });
+        let bytes = frames(&[call.clone(), HostMessage::Shutdown]);
+        let mut reader = FrameReader::new(&bytes[..], DEFAULT_MAX_FRAME);
+        assert_eq!(reader.read::<HostMessage>().await.unwrap(), Some(call));
+        assert_eq!(
+            reader.read::<HostMessage>().await.unwrap(),
+            Some(HostMessage::Shutdown),
+            "the large frame's reader took bytes of the next frame"
+        );
+
+        let first_len = bytes.len() - frames(&[HostMessage::Shutdown]).len();
+        for cut in [HEADER_LEN + 1, first_len / 2, first_len - 1] {
+            let mut reader = FrameReader::new(&bytes[..cut], DEFAULT_MAX_FRAME);
+            let err = reader.read::<HostMessage>().await.unwrap_err();
+            assert!(
+                matches!(err, FrameError::Truncated { read, .. } if read == cut - HEADER_LEN),
                 "cut {cut}: {err}"
             );
         }

@@ -321,7 +321,7 @@ mod tests {
                 method: "upper".into(),
                 payload: Payload {
                     encoding: Encoding::Bincode,
-                    bytes: vec![1, 2, 3],
+                    bytes: vec![1, 2, 3].into(),
                 },
                 timeout_ms: 5000,
             }),
