@@ -23,7 +23,7 @@ mod landlock;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub(crate) use cgroup::PluginCgroup;
 
@@ -54,8 +54,9 @@ pub(crate) struct Prepared {
     rlimits: Vec<Rlimit>,
     /// `(uid, gid)` to switch to.
     credentials: Option<(libc::uid_t, libc::gid_t)>,
-    /// Whether the supervisor is root, so capabilities must be dropped.
-    drop_capabilities: bool,
+    /// As root, the highest capability number the kernel knows: every one
+    /// up to it is dropped. `None` when the supervisor is not root.
+    drop_capabilities: Option<u32>,
     ruleset: Option<OwnedFd>,
     cgroup_procs: Vec<OwnedFd>,
     /// The plugin's cgroups, for killing and removal after it exits.
@@ -138,7 +139,7 @@ impl Prepared {
         Ok(Prepared {
             rlimits,
             credentials,
-            drop_capabilities: is_root,
+            drop_capabilities: is_root.then(last_capability),
             ruleset,
             cgroup_procs,
             cgroup: cgroup.map(Arc::new),
@@ -176,10 +177,8 @@ impl Prepared {
                     return Err(io::Error::last_os_error());
                 }
             }
-            if drop_capabilities {
-                // Capabilities 0..=63 cover every kernel; EINVAL past the
-                // last one the running kernel knows is expected.
-                for capability in 0..64 {
+            if let Some(last) = drop_capabilities {
+                for capability in 0..=last {
                     libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0);
                 }
                 libc::prctl(
@@ -197,7 +196,7 @@ impl Prepared {
             {
                 return Err(io::Error::last_os_error());
             }
-            if drop_capabilities && credentials.is_none_or(|(uid, _)| uid == 0) {
+            if drop_capabilities.is_some() && credentials.is_none_or(|(uid, _)| uid == 0) {
                 clear_capabilities()?;
             }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
@@ -262,6 +261,20 @@ fn lookup_credentials(
         }
     };
     Ok((found.uid.as_raw(), gid.as_raw()))
+}
+
+/// The highest capability number the running kernel knows, read once.
+/// Without `/proc`, 63 covers every kernel; dropping a capability past the
+/// last is a harmless EINVAL.
+fn last_capability() -> u32 {
+    static LAST: OnceLock<u32> = OnceLock::new();
+    *LAST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(63)
+            .min(63)
+    })
 }
 
 fn current_hard_limit(resource: libc::__rlimit_resource_t) -> u64 {
