@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
+use std::io::IoSlice;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
@@ -16,10 +17,11 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use aurora_protocol::channel::{self, ChannelReader, ChannelWriter};
+use aurora_protocol::frame::Around;
 use aurora_protocol::{
     CHANNEL_FD_ENV, DEFAULT_MAX_FRAME, ErrorKind, FrameError, FrameReader, Hello, HostMessage,
     LOG_LEVEL_ENV, PROTOCOL_VERSION, PluginMessage, RemoteError, Reply, SCHEMA_FINGERPRINT,
-    encode_frame,
+    encode_frame, encode_frame_around,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::LocalSet;
@@ -314,14 +316,28 @@ async fn write_loop(
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
-                Outgoing::Message(message) => encode_or_refuse(&message, limit, &mut buf),
+                Outgoing::Message(message) => {
+                    // A large payload goes out from where it lies, right
+                    // after what was batched before it.
+                    if let Some(around) = encode_or_refuse(&message, limit, &mut buf) {
+                        let mut parts = [
+                            IoSlice::new(&buf),
+                            IoSlice::new(&around.payload),
+                            IoSlice::new(&around.tail),
+                        ];
+                        socket.write_all_vectored(&mut parts).await?;
+                        buf.clear();
+                    }
+                }
                 Outgoing::Close => closing = true,
             }
             if buf.len() < WRITE_BATCH && !closing {
                 next = outgoing.try_recv().ok();
             }
         }
-        socket.write_all(&buf).await?;
+        if !buf.is_empty() {
+            socket.write_all(&buf).await?;
+        }
         buf.clear();
     }
     Ok(())
@@ -329,14 +345,15 @@ async fn write_loop(
 
 /// Encodes `message`; a reply too large for a frame becomes an error reply,
 /// so the caller learns why instead of waiting for its deadline.
-fn encode_or_refuse(message: &PluginMessage, limit: u32, buf: &mut Vec<u8>) {
-    let Err(err) = encode_frame(message, limit, buf) else {
-        return;
+fn encode_or_refuse(message: &PluginMessage, limit: u32, buf: &mut Vec<u8>) -> Option<Around> {
+    let err = match encode_frame_around(message, limit, buf) {
+        Ok(around) => return around,
+        Err(err) => err,
     };
     let PluginMessage::Reply(reply) = message else {
         // Other messages are small and fixed in shape; a log record with a
         // megabyte field is dropped rather than breaking the connection.
-        return;
+        return None;
     };
     let refusal = PluginMessage::Reply(Reply {
         id: reply.id,
@@ -346,4 +363,5 @@ fn encode_or_refuse(message: &PluginMessage, limit: u32, buf: &mut Vec<u8>) {
         }),
     });
     let _ = encode_frame(&refusal, limit, buf);
+    None
 }

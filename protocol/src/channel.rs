@@ -11,7 +11,7 @@
 //! for write readiness exists only while a write waits for a full socket
 //! buffer to drain.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -21,7 +21,7 @@ use std::task::{Context, Poll, ready};
 
 use nix::errno::Errno;
 use nix::libc;
-use nix::sys::socket::{MsgFlags, Shutdown, send, shutdown};
+use nix::sys::socket::{MsgFlags, Shutdown, sendmsg, shutdown};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, Interest, ReadBuf};
 
@@ -113,15 +113,26 @@ impl ChannelWriter {
     /// # Errors
     ///
     /// The socket's error, such as a broken pipe once the peer has gone.
-    pub async fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
-        while !bytes.is_empty() {
-            let sent = match send_now(self.socket.as_raw_fd(), bytes) {
+    pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.write_all_vectored(&mut [IoSlice::new(bytes)]).await
+    }
+
+    /// Writes all of `parts`, in order, as if they were one buffer; `parts`
+    /// is consumed in the process.
+    ///
+    /// # Errors
+    ///
+    /// As [`ChannelWriter::write_all`].
+    pub async fn write_all_vectored(&mut self, mut parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+        IoSlice::advance_slices(&mut parts, 0);
+        while !parts.is_empty() {
+            let sent = match send_now(self.socket.as_raw_fd(), parts) {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    self.send_when_room(bytes).await?
+                    self.send_when_room(parts).await?
                 }
                 sent => sent?,
             };
-            bytes = &bytes[sent..];
+            IoSlice::advance_slices(&mut parts, sent);
         }
         // Stay registered no longer than needed: while registered, every
         // read the peer makes would wake this process.
@@ -130,7 +141,7 @@ impl ChannelWriter {
     }
 
     /// Waits until the socket buffer has room, then sends what fits.
-    async fn send_when_room(&mut self, bytes: &[u8]) -> io::Result<usize> {
+    async fn send_when_room(&mut self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
         let blocked = match &mut self.blocked {
             Some(blocked) => blocked,
             None => {
@@ -146,17 +157,18 @@ impl ChannelWriter {
         // the registration above is reported ready at once.
         loop {
             let mut ready = blocked.writable().await?;
-            if let Ok(sent) = ready.try_io(|duplicate| send_now(duplicate.as_raw_fd(), bytes)) {
+            if let Ok(sent) = ready.try_io(|duplicate| send_now(duplicate.as_raw_fd(), parts)) {
                 return sent;
             }
         }
     }
 }
 
-/// One non-blocking send; an interrupted one sends nothing and is not an
-/// error. `MSG_NOSIGNAL` turns a closed peer into `EPIPE` instead of SIGPIPE.
-fn send_now(socket: RawFd, bytes: &[u8]) -> io::Result<usize> {
-    match send(socket, bytes, MsgFlags::MSG_NOSIGNAL) {
+/// One non-blocking send of as much of `parts` as fits; an interrupted one
+/// sends nothing and is not an error. `MSG_NOSIGNAL` turns a closed peer into
+/// `EPIPE` instead of SIGPIPE.
+fn send_now(socket: RawFd, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+    match sendmsg::<()>(socket, parts, &[], MsgFlags::MSG_NOSIGNAL, None) {
         Ok(sent) => Ok(sent),
         Err(Errno::EINTR) => Ok(0),
         Err(errno) => Err(errno.into()),
@@ -213,6 +225,32 @@ mod tests {
             a_writer.blocked.is_none(),
             "still registered after the write"
         );
+        reading.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_arrive_as_one_stream() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (_a_reader, mut a_writer) = split(a).unwrap();
+        let (mut b_reader, _b_writer) = split(b).unwrap();
+        let large = vec![5u8; 4 * 1024 * 1024];
+        let expected: Vec<u8> = [&b"head"[..], &large, b"", b"tail"].concat();
+
+        let reading = tokio::spawn(async move {
+            let mut got = vec![0u8; expected.len()];
+            b_reader.read_exact(&mut got).await.unwrap();
+            assert!(
+                got == expected,
+                "the pieces arrived out of order or changed"
+            );
+        });
+        let mut parts = [
+            IoSlice::new(b"head"),
+            IoSlice::new(&large),
+            IoSlice::new(b""),
+            IoSlice::new(b"tail"),
+        ];
+        a_writer.write_all_vectored(&mut parts).await.unwrap();
         reading.await.unwrap();
     }
 

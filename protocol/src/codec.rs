@@ -59,6 +59,16 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(buf)
 }
 
+/// How many bytes precede a byte string's contents: its length.
+pub(crate) const BYTES_LEN_PREFIX: usize = 8;
+
+/// The length prefix of a byte string of `len` bytes, which a frame built
+/// around a payload (see [`crate::frame::encode_frame_around`]) writes in
+/// place of the prefix of an empty one.
+pub(crate) fn bytes_len_prefix(len: usize) -> [u8; BYTES_LEN_PREFIX] {
+    (len as u64).to_le_bytes()
+}
+
 /// Decodes one value that must fill `bytes` exactly.
 ///
 /// # Errors
@@ -96,6 +106,13 @@ mod tests {
     fn integers_are_fixed_width_little_endian() {
         assert_eq!(encode(&0x0102_0304u32).unwrap(), [4, 3, 2, 1]);
         assert_eq!(encode(&"ab").unwrap(), [2, 0, 0, 0, 0, 0, 0, 0, b'a', b'b']);
+    }
+
+    #[test]
+    fn byte_strings_are_their_length_prefix_then_their_bytes() {
+        let encoded = encode(&serde_bytes::Bytes::new(b"abc")).unwrap();
+        assert_eq!(encoded[..BYTES_LEN_PREFIX], bytes_len_prefix(3));
+        assert_eq!(&encoded[BYTES_LEN_PREFIX..], b"abc");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 
 use crate::codec::{self, CodecError};
+use crate::message::CarriesPayload;
 use crate::payload;
 
 /// The default largest frame body, in bytes (16 MiB).
@@ -206,12 +207,68 @@ pub fn encode_frame<T: Serialize + ?Sized>(
     Ok(())
 }
 
+/// Payloads smaller than this are copied into the frame like any field;
+/// the extra write of a separate piece costs more than copying them.
+pub const SPLICE_FROM: usize = 16 * 1024;
+
+/// The pieces of a frame that follow the part [`encode_frame_around`] put in
+/// the buffer: write the buffer, then `payload`, then `tail`.
+#[derive(Debug)]
+pub struct Around {
+    pub payload: Bytes,
+    pub tail: Vec<u8>,
+}
+
+/// Appends one frame holding `message` to `buf`, except that a payload of
+/// at least [`SPLICE_FROM`] bytes is left where it is and returned with the
+/// bytes that follow it, to be written after `buf` without being copied.
+///
+/// # Errors
+///
+/// As [`encode_frame`]; `buf` is then left as it was.
+pub fn encode_frame_around<T: CarriesPayload>(
+    message: &T,
+    max_frame: u32,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Around>, FrameError> {
+    let Some((payload, hollow)) = message
+        .take_payload()
+        .filter(|(payload, _)| payload.bytes.len() >= SPLICE_FROM)
+    else {
+        return encode_frame(message, max_frame, buf).map(|()| None);
+    };
+
+    // The hollow message encodes exactly like the real one but for the
+    // payload: its byte string's length says zero and its bytes are absent.
+    // Fix the length, move what follows the payload out, and count the
+    // payload in the frame header.
+    let start = buf.len();
+    encode_frame(&hollow, u32::MAX, buf)?;
+    let tail = buf.split_off(buf.len() - T::AFTER_PAYLOAD);
+    let len = buf.len() - start - HEADER_LEN + payload.bytes.len() + tail.len();
+    let fits = u32::try_from(len).ok().filter(|&len| len <= max_frame);
+    let Some(len) = fits else {
+        buf.truncate(start);
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            max: max_frame,
+        });
+    };
+    let payload_len = buf.len() - codec::BYTES_LEN_PREFIX;
+    buf[payload_len..].copy_from_slice(&codec::bytes_len_prefix(payload.bytes.len()));
+    buf[start..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+    Ok(Some(Around {
+        payload: payload.bytes.clone(),
+        tail,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::AsyncWriteExt;
 
     use super::*;
-    use crate::message::HostMessage;
+    use crate::message::{HostMessage, PluginMessage, Reply};
 
     fn frames(messages: &[HostMessage]) -> Vec<u8> {
         let mut buf = Vec::new();
@@ -310,6 +367,55 @@ mod tests {
         let mut reader = FrameReader::new(&bytes[..], DEFAULT_MAX_FRAME);
         let err = reader.read::<HostMessage>().await.unwrap_err();
         assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn frames_encoded_around_a_payload_equal_whole_frames() {
+        let large = crate::Payload::json(vec![b'1'; SPLICE_FROM + 3]);
+        let small = crate::Payload::json(vec![b'2'; 10]);
+        let call = |payload: &crate::Payload| {
+            HostMessage::Call(crate::Call {
+                id: 77,
+                method: "bytes".to_owned(),
+                payload: payload.clone(),
+                timeout_ms: 0x0102_0304_0506,
+            })
+        };
+        let reply = |payload: &crate::Payload| {
+            PluginMessage::Reply(Reply {
+                id: 78,
+                result: Ok(payload.clone()),
+            })
+        };
+        let reassemble = |mut buf: Vec<u8>, around: Option<Around>| {
+            if let Some(around) = around {
+                buf.extend_from_slice(&around.payload);
+                buf.extend_from_slice(&around.tail);
+            }
+            buf
+        };
+        for payload in [&large, &small] {
+            let mut whole = Vec::new();
+            encode_frame(&call(payload), DEFAULT_MAX_FRAME, &mut whole).unwrap();
+            let mut buf = vec![9];
+            let around = encode_frame_around(&call(payload), DEFAULT_MAX_FRAME, &mut buf).unwrap();
+            assert_eq!(around.is_some(), payload.bytes.len() >= SPLICE_FROM);
+            assert_eq!(reassemble(buf, around)[1..], whole[..]);
+
+            let mut whole = Vec::new();
+            encode_frame(&reply(payload), DEFAULT_MAX_FRAME, &mut whole).unwrap();
+            let mut buf = Vec::new();
+            let around = encode_frame_around(&reply(payload), DEFAULT_MAX_FRAME, &mut buf).unwrap();
+            assert_eq!(reassemble(buf, around), whole);
+        }
+
+        let mut buf = vec![1, 2];
+        let err = encode_frame_around(&reply(&large), 100, &mut buf).unwrap_err();
+        assert!(
+            matches!(err, FrameError::TooLarge { max: 100, .. }),
+            "{err}"
+        );
+        assert_eq!(buf, [1, 2], "buffer must be left as it was");
     }
 
     #[test]

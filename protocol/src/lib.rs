@@ -23,11 +23,13 @@ pub mod frame;
 pub mod message;
 pub mod payload;
 
-pub use frame::{DEFAULT_MAX_FRAME, FrameError, FrameReader, encode_frame};
+pub use frame::{
+    Around, DEFAULT_MAX_FRAME, FrameError, FrameReader, encode_frame, encode_frame_around,
+};
 pub use message::{
-    Call, ErrorKind, HandshakeError, Hello, HostMessage, LogLevel, LogRecord, MethodInfo,
-    PROTOCOL_VERSION, PluginMessage, ProtocolVersion, RemoteError, Reply, SCHEMA_FINGERPRINT,
-    Welcome,
+    Call, CarriesPayload, ErrorKind, HandshakeError, Hello, HostMessage, LogLevel, LogRecord,
+    MethodInfo, PROTOCOL_VERSION, PluginMessage, ProtocolVersion, RemoteError, Reply,
+    SCHEMA_FINGERPRINT, Welcome,
 };
 pub use payload::{Encoding, Payload, PayloadError};
 

@@ -220,6 +220,62 @@ pub enum LogLevel {
     Trace,
 }
 
+/// A message that may carry a large payload, which a writer can send from
+/// where it lies instead of copying it into the frame (see
+/// [`crate::frame::encode_frame_around`]).
+pub trait CarriesPayload: Serialize + Sized {
+    /// The payload, and the same message with an empty payload in its place.
+    fn take_payload(&self) -> Option<(&Payload, Self)>;
+
+    /// How many bytes of the message's encoding follow the payload's bytes.
+    const AFTER_PAYLOAD: usize;
+}
+
+impl CarriesPayload for HostMessage {
+    fn take_payload(&self) -> Option<(&Payload, Self)> {
+        let HostMessage::Call(call) = self else {
+            return None;
+        };
+        let hollow = Call {
+            id: call.id,
+            method: call.method.clone(),
+            payload: Payload {
+                encoding: call.payload.encoding,
+                bytes: bytes::Bytes::new(),
+            },
+            timeout_ms: call.timeout_ms,
+        };
+        Some((&call.payload, HostMessage::Call(hollow)))
+    }
+
+    /// `timeout_ms`.
+    const AFTER_PAYLOAD: usize = 8;
+}
+
+impl CarriesPayload for PluginMessage {
+    fn take_payload(&self) -> Option<(&Payload, Self)> {
+        let PluginMessage::Reply(Reply {
+            id,
+            result: Ok(payload),
+        }) = self
+        else {
+            return None;
+        };
+        let hollow = Payload {
+            encoding: payload.encoding,
+            bytes: bytes::Bytes::new(),
+        };
+        let reply = Reply {
+            id: *id,
+            result: Ok(hollow),
+        };
+        Some((payload, PluginMessage::Reply(reply)))
+    }
+
+    /// The payload is the last field of a reply.
+    const AFTER_PAYLOAD: usize = 0;
+}
+
 /// Why a [`Hello`] is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {

@@ -9,6 +9,7 @@
 //! is left waiting on a reply that cannot come.
 
 use std::collections::{HashMap, HashSet};
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use aurora_protocol::channel::{self, ChannelReader, ChannelWriter};
 use aurora_protocol::{
     Call, FrameError, FrameReader, Hello, HostMessage, LogLevel, LogRecord, PROTOCOL_VERSION,
-    Payload, PluginMessage, RemoteError, Reply, Welcome, encode_frame,
+    Payload, PluginMessage, RemoteError, Reply, Welcome, encode_frame, encode_frame_around,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -410,16 +411,35 @@ async fn write_loop(
     while let Some(first) = outgoing.recv().await {
         let mut next = Some(first);
         while let Some(message) = next.take() {
-            if let Err(err) = encode_frame(&message, max_frame, &mut buf) {
+            match encode_frame_around(&message, max_frame, &mut buf) {
+                Ok(None) => {}
+                // A large payload goes out from where it lies, right after
+                // what was batched before it.
+                Ok(Some(around)) => {
+                    let mut parts = [
+                        IoSlice::new(&buf),
+                        IoSlice::new(&around.payload),
+                        IoSlice::new(&around.tail),
+                    ];
+                    if let Err(err) = socket.write_all_vectored(&mut parts).await {
+                        tracing::debug!(%err, "cannot write to plugin");
+                        return;
+                    }
+                    buf.clear();
+                }
                 // Calls are size-checked before they are queued, and every
                 // other message is small: this is a bug, not bad input.
-                tracing::error!(%err, "bug: a message the supervisor built does not fit a frame");
+                Err(err) => {
+                    tracing::error!(%err, "bug: a message the supervisor built does not fit a frame");
+                }
             }
             if buf.len() < WRITE_BATCH {
                 next = outgoing.try_recv().ok();
             }
         }
-        if let Err(err) = socket.write_all(&buf).await {
+        if !buf.is_empty()
+            && let Err(err) = socket.write_all(&buf).await
+        {
             tracing::debug!(%err, "cannot write to plugin");
             return;
         }
