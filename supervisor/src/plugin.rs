@@ -33,7 +33,6 @@ use std::time::Duration;
 use aurora_protocol::{ErrorKind, HostMessage, MethodInfo, Payload};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::process::Child;
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -44,7 +43,7 @@ use crate::connection::{CONNECTION_CLOSED, Connection, ConnectionTasks, Outcome}
 use crate::error::{CallError, Crash, ExitReason};
 use crate::event::{Event, EventKind};
 use crate::sandbox::{self, PluginCgroup};
-use crate::spawn::{StderrTail, spawn_plugin};
+use crate::spawn::{ChildProcess, StderrTail, spawn_plugin};
 use crate::spec::{PluginSpec, RestartMode};
 use crate::store::VersionStore;
 use swap::{Build, Probation, Retiring, Swap};
@@ -543,7 +542,7 @@ impl PluginHandle {
 
 /// A running process and everything tied to it.
 struct Running {
-    child: Child,
+    child: ChildProcess,
     /// Also the process group it leads.
     pid: u32,
     connection: Arc<Connection>,
@@ -1132,7 +1131,7 @@ async fn launch(
 async fn reap_failed_start(
     reaches: &Reaches,
     pid: u32,
-    mut child: Child,
+    mut child: ChildProcess,
     tail: StderrTail,
     cause: String,
 ) -> Crash {
@@ -1204,7 +1203,11 @@ async fn finish(
     (crash, running.started_at.elapsed())
 }
 
-async fn kill_and_reap(reaches: &Reaches, pid: u32, child: &mut Child) -> Option<ExitReason> {
+async fn kill_and_reap(
+    reaches: &Reaches,
+    pid: u32,
+    child: &mut ChildProcess,
+) -> Option<ExitReason> {
     reaches.kill(pid);
     let _ = child.start_kill();
     child.wait().await.ok().map(ExitReason::from_status)

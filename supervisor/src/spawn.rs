@@ -15,21 +15,29 @@
 //! started at once were ready about 15 % sooner. Four threads measured
 //! within the noise of two on a two-core machine.
 
+mod process;
+
 use std::collections::VecDeque;
+use std::ffi::{CString, OsString};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::process::Stdio;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use aurora_protocol::{CHANNEL_FD, CHANNEL_FD_ENV, LOG_LEVEL_ENV};
+use nix::fcntl::OFlag;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
+use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::sandbox::{self, PluginCgroup, Prepared, SandboxError};
+pub(crate) use process::ChildProcess;
+
+use crate::sandbox::{self, PluginCgroup, Prepared, SandboxError, above_channel};
 use crate::spec::PluginSpec;
 
 /// How many stderr lines are kept for crash reports.
@@ -47,7 +55,7 @@ pub(crate) type StderrTail = Arc<Mutex<VecDeque<String>>>;
 
 /// A freshly started plugin process.
 pub(crate) struct Spawned {
-    pub(crate) child: Child,
+    pub(crate) child: ChildProcess,
     pub(crate) pid: u32,
     /// The supervisor's end of the plugin's socket.
     pub(crate) channel: std::os::unix::net::UnixStream,
@@ -87,19 +95,21 @@ pub(crate) async fn spawn_plugin(spec: &PluginSpec) -> Result<Spawned, SpawnErro
         source,
     })?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_error)?;
-    let command = build_command(spec, theirs.as_raw_fd(), &sandbox);
-    let spawned = spawn_on_spawner_thread(command).await;
-    // The child has its own copies now; ours must go, or the supervisor would
-    // never see end-of-file when the plugin dies. The sandbox's descriptors
-    // (ruleset, cgroup files) go with it.
-    drop(theirs);
+    let plan = ProcessPlan::new(spec, theirs).map_err(spawn_error)?;
+    let setup = sandbox.child_setup();
+    let cgroup_dir = sandbox.unified_dir.as_ref().map(AsRawFd::as_raw_fd);
+    let spawned = spawn_on_spawner_thread(plan, cgroup_dir, setup).await;
+    // The child has its own copies of the descriptors the plan held (its
+    // end of the socket, its ends of the pipes); ours went with the plan, or
+    // the supervisor would never see end-of-file when the plugin dies. The
+    // sandbox's descriptors (ruleset, cgroup files) go now.
     let Prepared {
         cgroup,
         gaps: sandbox_gaps,
         ..
     } = sandbox;
-    let mut child = match spawned {
-        Ok(child) => child,
+    let (child, stdout, stderr) = match spawned {
+        Ok(spawned) => spawned,
         Err(err) => {
             if let Some(cgroup) = &cgroup {
                 cgroup.remove();
@@ -108,23 +118,17 @@ pub(crate) async fn spawn_plugin(spec: &PluginSpec) -> Result<Spawned, SpawnErro
         }
     };
 
-    let pid = child.id().unwrap_or_default();
+    let pid = child.id();
     sandbox::guardian::track(pid as i32);
     let channel = ours;
 
     let stderr_tail: StderrTail = Arc::default();
-    let mut output = Vec::with_capacity(2);
-    if let Some(stdout) = child.stdout.take() {
-        output.push(tokio::spawn(
-            forward_lines(stdout, "stdout", None).in_current_span(),
-        ));
-    }
-    if let Some(stderr) = child.stderr.take() {
-        let tail = Some(Arc::clone(&stderr_tail));
-        output.push(tokio::spawn(
-            forward_lines(stderr, "stderr", tail).in_current_span(),
-        ));
-    }
+    let output = vec![
+        tokio::spawn(forward_lines(stdout, "stdout", None).in_current_span()),
+        tokio::spawn(
+            forward_lines(stderr, "stderr", Some(Arc::clone(&stderr_tail))).in_current_span(),
+        ),
+    ];
     Ok(Spawned {
         child,
         pid,
@@ -136,55 +140,127 @@ pub(crate) async fn spawn_plugin(spec: &PluginSpec) -> Result<Spawned, SpawnErro
     })
 }
 
-fn build_command(spec: &PluginSpec, channel_fd: i32, sandbox: &Prepared) -> Command {
-    let mut command = Command::new(&spec.command);
-    command
-        .args(&spec.args)
-        .env_clear()
-        .envs(sandbox::environment(spec))
-        .env(CHANNEL_FD_ENV, CHANNEL_FD.to_string())
-        .env(LOG_LEVEL_ENV, &spec.log_level)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(cwd) = &spec.cwd {
-        command.current_dir(cwd);
+/// The program, arguments, environment and descriptors of one plugin
+/// process, made ready before it is handed to a spawner thread.
+struct ProcessPlan {
+    program: CString,
+    args: Vec<CString>,
+    env: Vec<CString>,
+    cwd: Option<CString>,
+    stdin: OwnedFd,
+    stdout: (OwnedFd, OwnedFd),
+    stderr: (OwnedFd, OwnedFd),
+    channel: OwnedFd,
+}
+
+impl ProcessPlan {
+    fn new(spec: &PluginSpec, channel: std::os::unix::net::UnixStream) -> io::Result<ProcessPlan> {
+        let c_string = |bytes: &[u8]| {
+            CString::new(bytes)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))
+        };
+        let program = resolve_program(&spec.command);
+        let mut args = vec![c_string(program.as_os_str().as_bytes())?];
+        for arg in &spec.args {
+            args.push(c_string(arg.as_bytes())?);
+        }
+        let mut env = Vec::new();
+        let own = [
+            (
+                OsString::from(CHANNEL_FD_ENV),
+                OsString::from(CHANNEL_FD.to_string()),
+            ),
+            (
+                OsString::from(LOG_LEVEL_ENV),
+                OsString::from(&spec.log_level),
+            ),
+        ];
+        for (name, value) in sandbox::environment(spec).into_iter().chain(own) {
+            let mut pair = name.into_vec();
+            pair.push(b'=');
+            pair.extend_from_slice(value.as_bytes());
+            env.push(c_string(&pair)?);
+        }
+        let cwd = spec
+            .cwd
+            .as_ref()
+            .map(|cwd| c_string(cwd.as_os_str().as_bytes()))
+            .transpose()?;
+
+        let pipe = || -> io::Result<(OwnedFd, OwnedFd)> {
+            let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+            // Only our end is read without blocking; the plugin's end is
+            // an ordinary blocking pipe.
+            nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
+            Ok((read, above_channel(write)?))
+        };
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?;
+        Ok(ProcessPlan {
+            program: c_string(program.as_os_str().as_bytes())?,
+            args,
+            env,
+            cwd,
+            stdin: above_channel(OwnedFd::from(null))?,
+            stdout: pipe()?,
+            stderr: pipe()?,
+            channel: above_channel(OwnedFd::from(channel))?,
+        })
     }
 
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs in the forked child before exec, where only
-    // async-signal-safe functions may be called. It calls prctl, getppid,
-    // dup2 and fcntl, all of which are, and it allocates nothing: its errors
-    // are built from raw OS error numbers.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The supervisor may have died between fork and prctl, in which
-            // case no death signal will ever come.
-            if libc::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            // dup2 gives the copy no close-on-exec flag; when the socket is
-            // already at the right number, clear the flag instead.
-            let placed = if channel_fd == CHANNEL_FD {
-                libc::fcntl(CHANNEL_FD, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(channel_fd, CHANNEL_FD)
-            };
-            if placed < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-        // SAFETY: see `Prepared::child_setup`, which documents that its
-        // closure makes only async-signal-safe calls.
-        command.pre_exec(sandbox.child_setup());
+    /// Starts the process. Runs on a spawner thread, inside the runtime.
+    fn spawn(
+        self,
+        cgroup_dir: Option<RawFd>,
+        setup: impl FnMut(bool) -> io::Result<()>,
+    ) -> io::Result<(ChildProcess, pipe::Receiver, pipe::Receiver)> {
+        let pointers = |strings: &[CString]| -> Vec<*const libc::c_char> {
+            let mut pointers: Vec<_> = strings.iter().map(|s| s.as_ptr()).collect();
+            pointers.push(std::ptr::null());
+            pointers
+        };
+        let argv = pointers(&self.args);
+        let envp = pointers(&self.env);
+        let plan = process::Plan {
+            program: &self.program,
+            argv: &argv,
+            envp: &envp,
+            cwd: self.cwd.as_ref(),
+            stdio: [
+                self.stdin.as_raw_fd(),
+                self.stdout.1.as_raw_fd(),
+                self.stderr.1.as_raw_fd(),
+            ],
+            channel: self.channel.as_raw_fd(),
+            cgroup_dir,
+        };
+        // SAFETY: `setup` is the sandbox's child closure, which makes only
+        // async-signal-safe calls and allocates nothing; every pointer in
+        // `plan` points into `self`, `argv` or `envp`, which outlive the call.
+        let child = unsafe { process::spawn(&plan, setup)? };
+        let stdout = pipe::Receiver::from_owned_fd_unchecked(self.stdout.0)?;
+        let stderr = pipe::Receiver::from_owned_fd_unchecked(self.stderr.0)?;
+        Ok((child, stdout, stderr))
     }
-    command
+}
+
+/// A program named without a slash is looked up in the supervisor's PATH,
+/// as a shell would.
+fn resolve_program(command: &Path) -> PathBuf {
+    if command.as_os_str().as_bytes().contains(&b'/') {
+        return command.to_owned();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(command))
+        .find(|candidate| {
+            candidate
+                .metadata()
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| command.to_owned())
 }
 
 type SpawnJob = Box<dyn FnOnce() + Send>;
@@ -192,8 +268,14 @@ type SpawnJob = Box<dyn FnOnce() + Send>;
 /// How many spawner threads there are.
 const SPAWNER_THREADS: usize = 2;
 
-/// Runs `command.spawn()` on one of the process-wide spawner threads.
-async fn spawn_on_spawner_thread(mut command: Command) -> io::Result<Child> {
+type SpawnedProcess = (ChildProcess, pipe::Receiver, pipe::Receiver);
+
+/// Starts `plan` on one of the process-wide spawner threads.
+async fn spawn_on_spawner_thread(
+    plan: ProcessPlan,
+    cgroup_dir: Option<RawFd>,
+    setup: impl FnMut(bool) -> io::Result<()> + Send + 'static,
+) -> io::Result<SpawnedProcess> {
     static SPAWNER: OnceLock<mpsc::Sender<SpawnJob>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (jobs, queue) = mpsc::channel::<SpawnJob>();
@@ -220,9 +302,9 @@ async fn spawn_on_spawner_thread(mut command: Command) -> io::Result<Child> {
     let runtime = tokio::runtime::Handle::current();
     let (done, spawned) = oneshot::channel();
     let job = Box::new(move || {
-        // Tokio registers the child with the runtime's SIGCHLD handling.
+        // The pidfd and pipes are registered with the runtime.
         let _runtime = runtime.enter();
-        let _ = done.send(command.spawn());
+        let _ = done.send(plan.spawn(cgroup_dir, setup));
     });
     spawner
         .send(job)

@@ -14,6 +14,7 @@
 use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -247,6 +248,8 @@ fn kill_members(dir: &Path) {
 #[derive(Debug)]
 pub(crate) struct PluginCgroup {
     leaves: Vec<PathBuf>,
+    /// Whether `leaves[0]` is in the v2 hierarchy.
+    has_unified: bool,
 }
 
 impl PluginCgroup {
@@ -312,11 +315,32 @@ impl PluginCgroup {
             gaps.push("a cgroup for the process tree (descendants that leave the process group may outlive the plugin)".to_owned());
             return (None, gaps);
         }
-        (Some(PluginCgroup { leaves }), gaps)
+        let has_unified = unified.is_some();
+        (
+            Some(PluginCgroup {
+                leaves,
+                has_unified,
+            }),
+            gaps,
+        )
+    }
+
+    /// Opens the v2 cgroup's directory, for starting the child inside it
+    /// (`clone3` with `CLONE_INTO_CGROUP`).
+    pub(crate) fn open_unified_dir(&self) -> io::Result<Option<OwnedFd>> {
+        if !self.has_unified {
+            return Ok(None);
+        }
+        let dir = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&self.leaves[0])?;
+        Ok(Some(OwnedFd::from(dir)))
     }
 
     /// Opens each cgroup's `cgroup.procs` for the child to write itself into
-    /// before it runs any plugin code.
+    /// before it runs any plugin code: the v2 one (if any) first, then the
+    /// v1 ones.
     pub(crate) fn open_procs(&self) -> io::Result<Vec<OwnedFd>> {
         self.leaves
             .iter()

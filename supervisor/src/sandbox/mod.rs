@@ -5,7 +5,8 @@
 //! runs [`Prepared::child_setup`]'s closure between `fork` and `exec`, where
 //! only async-signal-safe system calls are allowed, in this order:
 //!
-//! 1. join the plugin's cgroups (writing `0` to each `cgroup.procs`);
+//! 1. join the plugin's cgroups (writing `0` to each `cgroup.procs`), but
+//!    for the v2 one, which the child is normally started inside;
 //! 2. set the rlimits;
 //! 3. as root: empty the capability bounding set, then switch to the
 //!    configured user and group, or stay root with no capabilities;
@@ -58,6 +59,12 @@ pub(crate) struct Prepared {
     /// up to it is dropped. `None` when the supervisor is not root.
     drop_capabilities: Option<u32>,
     ruleset: Option<OwnedFd>,
+    /// The v2 cgroup's directory, to start the child in.
+    pub(crate) unified_dir: Option<OwnedFd>,
+    /// The v2 cgroup's `cgroup.procs`, for when the child could not be
+    /// started inside it.
+    unified_procs: Option<OwnedFd>,
+    /// The v1 cgroups' `cgroup.procs`.
     cgroup_procs: Vec<OwnedFd>,
     /// The plugin's cgroups, for killing and removal after it exits.
     pub(crate) cgroup: Option<Arc<PluginCgroup>>,
@@ -95,15 +102,20 @@ impl Prepared {
 
         let (cgroup, cgroup_gaps) = PluginCgroup::create(&spec.name, limits);
         gaps.extend(cgroup_gaps);
-        let cgroup_procs = match &cgroup {
-            Some(cgroup) => cgroup.open_procs().map_err(SandboxError::Cgroup)?,
-            None => Vec::new(),
+        let (unified_dir, cgroup_procs) = match &cgroup {
+            Some(cgroup) => (
+                cgroup.open_unified_dir().map_err(SandboxError::Cgroup)?,
+                cgroup.open_procs().map_err(SandboxError::Cgroup)?,
+            ),
+            None => (None, Vec::new()),
         };
-        let cgroup_procs = cgroup_procs
+        let mut cgroup_procs = cgroup_procs
             .into_iter()
             .map(above_channel)
             .collect::<io::Result<Vec<_>>>()
             .map_err(SandboxError::Cgroup)?;
+        // open_procs lists the v2 cgroup first.
+        let unified_procs = unified_dir.as_ref().map(|_| cgroup_procs.remove(0));
         let ruleset = rules
             .ruleset
             .map(above_channel)
@@ -141,29 +153,35 @@ impl Prepared {
             credentials,
             drop_capabilities: is_root.then(last_capability),
             ruleset,
+            unified_dir,
+            unified_procs,
             cgroup_procs,
             cgroup: cgroup.map(Arc::new),
             gaps,
         })
     }
 
-    /// The closure to run in the child between `fork` and `exec`.
+    /// The closure to run in the child between `fork` and `exec`. Its
+    /// argument says whether the child was started inside its v2 cgroup
+    /// already; if not, it joins it like the v1 ones.
     ///
     /// The descriptors it refers to belong to `self`, which must outlive the
     /// spawn.
-    pub(crate) fn child_setup(&self) -> impl FnMut() -> io::Result<()> + Send + Sync + 'static {
+    pub(crate) fn child_setup(&self) -> impl FnMut(bool) -> io::Result<()> + Send + 'static {
         let rlimits = self.rlimits.clone();
         let credentials = self.credentials;
         let drop_capabilities = self.drop_capabilities;
         let ruleset = self.ruleset.as_ref().map(|fd| fd.as_raw_fd());
+        let unified_procs = self.unified_procs.as_ref().map(|fd| fd.as_raw_fd());
         let cgroup_procs: Vec<i32> = self.cgroup_procs.iter().map(|fd| fd.as_raw_fd()).collect();
 
         // SAFETY (whole closure): it runs in the forked child before exec and
         // makes only async-signal-safe system calls, reading memory that was
         // allocated before the fork; it allocates nothing itself, and its
         // errors are raw OS error numbers.
-        move || unsafe {
-            for &fd in &cgroup_procs {
+        move |in_unified| unsafe {
+            let unified_procs = unified_procs.filter(|_| !in_unified);
+            for &fd in unified_procs.iter().chain(&cgroup_procs) {
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(io::Error::last_os_error());
                 }
@@ -189,10 +207,15 @@ impl Prepared {
                     0,
                 );
             }
+            // Raw system calls: glibc's wrappers would also change the
+            // credentials of every other thread they believe exists, and the
+            // child, cloned without glibc's fork, still lists the
+            // supervisor's threads; it would wait for them forever. The
+            // child has one thread, which is all the kernel changes.
             if let Some((uid, gid)) = credentials
-                && (libc::setgroups(1, &gid) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0)
+                && (libc::syscall(libc::SYS_setgroups, 1, &gid) != 0
+                    || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0)
             {
                 return Err(io::Error::last_os_error());
             }
@@ -231,7 +254,7 @@ pub(crate) fn environment(spec: &PluginSpec) -> Vec<(OsString, OsString)> {
 /// Moves `fd` above the plugin's socket number: the child places its socket
 /// at [`aurora_protocol::CHANNEL_FD`] before the sandbox is applied, which
 /// would silently replace a sandbox descriptor that happened to sit there.
-fn above_channel(fd: OwnedFd) -> io::Result<OwnedFd> {
+pub(crate) fn above_channel(fd: OwnedFd) -> io::Result<OwnedFd> {
     if fd.as_raw_fd() > aurora_protocol::CHANNEL_FD {
         return Ok(fd);
     }
