@@ -389,3 +389,75 @@ fn send_signal(pidfd: RawFd, signal: libc::c_int) -> io::Result<()> {
         _ => Err(io::Error::last_os_error()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    /// Starts `/bin/sh -c script` with every standard descriptor and the
+    /// channel on /dev/null, and nothing to set up.
+    fn start(program: &str, script: &str) -> io::Result<ChildProcess> {
+        let program = CString::new(program).unwrap();
+        let args = [
+            c"sh".to_owned(),
+            c"-c".to_owned(),
+            CString::new(script).unwrap(),
+        ];
+        let mut argv: Vec<_> = args.iter().map(|arg| arg.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let envp = [std::ptr::null()];
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let null = above_channel(OwnedFd::from(null)).unwrap();
+        let fd = null.as_raw_fd();
+        let plan = Plan {
+            program: &program,
+            argv: &argv,
+            envp: &envp,
+            cwd: None,
+            stdio: [fd; 3],
+            channel: fd,
+            cgroup_dir: None,
+        };
+        // SAFETY: the setup closure does nothing; the plan's pointers live
+        // until the call returns.
+        unsafe { spawn(&plan, |_| Ok(())) }
+    }
+
+    #[tokio::test]
+    async fn exit_codes_and_signals_come_back_as_exit_statuses() {
+        let mut exits = start("/bin/sh", "exit 3").unwrap();
+        assert_eq!(exits.wait().await.unwrap().code(), Some(3));
+        // A second wait returns the same status instead of failing.
+        assert_eq!(exits.wait().await.unwrap().code(), Some(3));
+
+        let mut sleeps = start("/bin/sh", "exec sleep 60").unwrap();
+        sleeps.start_kill().unwrap();
+        assert_eq!(sleeps.wait().await.unwrap().signal(), Some(libc::SIGKILL));
+    }
+
+    #[tokio::test]
+    async fn a_program_that_cannot_be_executed_is_an_error_with_its_errno() {
+        let err = start("/nonexistent/program", "").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_child_is_killed() {
+        let sleeps = start("/bin/sh", "exec sleep 60").unwrap();
+        let pid = sleeps.id() as libc::pid_t;
+        drop(sleeps);
+        // A zombie still answers signal 0, so this ends only once the kill
+        // has landed and the background reaper has collected the child.
+        let gone = async {
+            // SAFETY: kill with signal 0 only checks for existence.
+            while unsafe { libc::kill(pid, 0) } == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), gone)
+            .await
+            .expect("the dropped child was neither killed nor reaped");
+    }
+}
