@@ -1,6 +1,7 @@
-//! Starting a plugin process: the socket it inherits, the process group it
-//! leads, the death signal that ties it to the supervisor, and the capture of
-//! its stdout and stderr.
+//! Starting a plugin process: the program, arguments and environment it
+//! gets, the socket it inherits, and the capture of its stdout and stderr.
+//! `process` does the clone and exec (process group, death signal, sandbox)
+//! and owns the child from then on.
 //!
 //! # Why spawner threads
 //!
@@ -10,7 +11,8 @@
 //! retired. Every spawn therefore happens on one of a few threads that live
 //! as long as the process. There are two: a spawn blocks its thread until
 //! the child has set up its sandbox and called `exec`, much of which the
-//! child spends waiting in the kernel (joining cgroups, loading the binary),
+//! child spends waiting in the kernel (joining v1 cgroups, loading the
+//! binary),
 //! so a second thread forks the next plugin meanwhile: a hundred plugins
 //! started at once were ready about 15 % sooner. Four threads measured
 //! within the noise of two on a two-core machine.

@@ -417,7 +417,7 @@ impl PluginTask {
             let _ = retiring.reply.send(Ok(retiring.report));
         }
         if let Some(swap) = self.swap.take() {
-            // Dropping the future kills its child (`kill_on_drop`); what is
+            // Dropping the future kills its child (the handle's drop); what is
             // left of its tree is still registered, and cleaned up here.
             drop(swap.starting);
             for leader in self.reaches.leaders() {
