@@ -12,9 +12,8 @@
 //! as long as the process. There are two: a spawn blocks its thread until
 //! the child has set up its sandbox and called `exec`, much of which the
 //! child spends waiting in the kernel (joining v1 cgroups, loading the
-//! binary),
-//! so a second thread forks the next plugin meanwhile: a hundred plugins
-//! started at once were ready about 15 % sooner. Four threads measured
+//! binary), so a second thread forks the next plugin meanwhile: a hundred
+//! plugins started at once were ready about 15 % sooner. Four threads measured
 //! within the noise of two on a two-core machine.
 
 mod process;
