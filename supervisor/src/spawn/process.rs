@@ -21,6 +21,8 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -258,15 +260,24 @@ pub(crate) struct ChildProcess {
 }
 
 impl ChildProcess {
+    /// Takes charge of a child just cloned; if the runtime refuses its
+    /// pidfd, the child is killed and reaped before the error is returned.
     fn new(pid: u32, pidfd: OwnedFd) -> io::Result<ChildProcess> {
         // SAFETY: the registration owns the pidfd, which stays open until
         // the registration is dropped.
-        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE)? };
-        Ok(ChildProcess {
-            pid,
-            pidfd: Some(pidfd),
-            status: None,
-        })
+        match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
+            Ok(pidfd) => Ok(ChildProcess {
+                pid,
+                pidfd: Some(pidfd),
+                status: None,
+            }),
+            Err(refused) => {
+                let (pidfd, cause) = refused.into_parts();
+                let _ = send_signal(pidfd.as_raw_fd(), libc::SIGKILL);
+                let _ = reap(pidfd.as_raw_fd(), 0);
+                Err(cause)
+            }
+        }
     }
 
     pub(crate) fn id(&self) -> u32 {
@@ -320,20 +331,61 @@ impl Drop for ChildProcess {
         if let Ok(Some(_)) = reap(pidfd.as_raw_fd(), libc::WNOHANG) {
             return;
         }
-        // SIGKILL takes effect soon; reap then, without blocking the drop.
-        let mut orphan = ChildProcess {
-            pid: self.pid,
-            pidfd: Some(pidfd),
-            status: None,
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    let _ = orphan.wait().await;
-                });
-            }
-            Err(_) => orphan.reap_blocking(),
+        // SIGKILL lands soon, or late for a process stuck in the kernel;
+        // either way the reaper collects it without blocking this drop.
+        reap_in_background(pidfd.into_inner());
+    }
+}
+
+/// Hands the exited or dying child behind `pidfd` to the reaper thread,
+/// which collects orphans of every runtime, including after it has shut
+/// down.
+fn reap_in_background(pidfd: OwnedFd) {
+    static REAPER: OnceLock<Mutex<mpsc::Sender<OwnedFd>>> = OnceLock::new();
+    let reaper = REAPER.get_or_init(|| {
+        let (orphans, arrivals) = mpsc::channel();
+        let started = std::thread::Builder::new()
+            .name("aurora-reaper".into())
+            .spawn(move || reap_orphans(&arrivals));
+        if let Err(err) = started {
+            tracing::error!(%err, "cannot start the reaper thread; killed plugins stay zombies");
         }
+        Mutex::new(orphans)
+    });
+    let reaper = reaper.lock().unwrap_or_else(PoisonError::into_inner);
+    let _ = reaper.send(pidfd);
+}
+
+/// The reaper thread: waits for orphans to exit and collects them.
+fn reap_orphans(arrivals: &mpsc::Receiver<OwnedFd>) {
+    /// How often the thread looks for new orphans while some are pending.
+    const CHECK_MS: libc::c_int = 100;
+    let mut pending: Vec<OwnedFd> = Vec::new();
+    loop {
+        if pending.is_empty() {
+            match arrivals.recv() {
+                Ok(pidfd) => pending.push(pidfd),
+                Err(mpsc::RecvError) => return,
+            }
+        }
+        pending.extend(arrivals.try_iter());
+        let mut polled: Vec<libc::pollfd> = pending
+            .iter()
+            .map(|pidfd| libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: poll writes only the revents of the array it is given.
+        unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, CHECK_MS) };
+        let exited: Vec<bool> = polled.iter().map(|p| p.revents != 0).collect();
+        let mut index = 0;
+        pending.retain(|pidfd| {
+            let done = exited[index] && !matches!(reap(pidfd.as_raw_fd(), libc::WNOHANG), Ok(None));
+            index += 1;
+            !done
+        });
     }
 }
 
