@@ -164,9 +164,9 @@ where
     Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
 }
 
-/// The child's side: stdio, process group, death signal, channel, `setup`,
-/// working directory, then `exec`. Any failure is written to `error_fd` as
-/// an errno before `_exit(127)`.
+/// The child's side: stdio, process group, signal mask and SIGPIPE, death
+/// signal, channel, working directory, `setup`, then `exec`. Any failure is
+/// written to `error_fd` as an errno before `_exit(127)`.
 ///
 /// # Safety
 ///
