@@ -195,6 +195,18 @@ pub fn encode_frame<T: Serialize + ?Sized>(
     }
 
     let len = buf.len() - start - HEADER_LEN;
+    write_header(buf, start, len, max_frame)
+}
+
+/// Writes the header of the frame that starts at `buf[start]` and holds
+/// `len` bytes of body, or, when they exceed `max_frame`, removes the frame
+/// from `buf` and says so.
+fn write_header(
+    buf: &mut Vec<u8>,
+    start: usize,
+    len: usize,
+    max_frame: u32,
+) -> Result<(), FrameError> {
     let fits = u32::try_from(len).ok().filter(|&len| len <= max_frame);
     let Some(len) = fits else {
         buf.truncate(start);
@@ -246,17 +258,9 @@ pub fn encode_frame_around<T: CarriesPayload>(
     encode_frame(&hollow, u32::MAX, buf)?;
     let tail = buf.split_off(buf.len() - T::AFTER_PAYLOAD);
     let len = buf.len() - start - HEADER_LEN + payload.bytes.len() + tail.len();
-    let fits = u32::try_from(len).ok().filter(|&len| len <= max_frame);
-    let Some(len) = fits else {
-        buf.truncate(start);
-        return Err(FrameError::TooLarge {
-            len: len as u64,
-            max: max_frame,
-        });
-    };
+    write_header(buf, start, len, max_frame)?;
     let payload_len = buf.len() - codec::BYTES_LEN_PREFIX;
     buf[payload_len..].copy_from_slice(&codec::bytes_len_prefix(payload.bytes.len()));
-    buf[start..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
     Ok(Some(Around {
         payload: payload.bytes.clone(),
         tail,
