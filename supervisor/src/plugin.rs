@@ -937,49 +937,42 @@ impl PluginTask {
         tracing::info!(delay = %humantime::format_duration(delay), "restarting plugin after a delay");
         self.publish(PluginState::BackingOff { delay }, None);
         self.emit(EventKind::BackingOff { delay, restarts });
-        let wait = tokio::time::sleep(delay);
-        tokio::pin!(wait);
-        loop {
-            tokio::select! {
-                _ = &mut wait => return Next::Start,
-                control = self.control.recv() => match control {
-                    Some(Control::Wake) => {}
-                    Some(Control::Versions { done }) => {
-                        let _ = done.send(self.versions());
-                    }
-                    Some(Control::Swap { request, done }) => {
-                        if self.adopt_while_down(request, done, false).await {
-                            self.backoff.reset();
-                            return Next::Start;
-                        }
-                    }
-                    Some(Control::Stop { done }) => {
-                        let _ = done.send(());
-                        return self.stay_down(PluginState::Stopped).await;
-                    }
-                    Some(Control::Restart { done }) => return self.restart_requested(done),
-                    None => return Next::Exit,
-                },
-            }
-        }
+        // A new version adopted meanwhile starts at once, with a fresh
+        // restart budget.
+        self.wait_down(tokio::time::sleep(delay), true).await
     }
 
     /// Waits for the gate to open (sent or dropped, either way the way is
     /// clear) while still obeying control messages, so a plugin stopped
-    /// before its turn never starts.
+    /// before its turn never starts. A new version adopted meanwhile starts
+    /// when the gate opens.
     async fn wait_for_gate(&mut self, gate: oneshot::Receiver<()>) -> Next {
-        tokio::pin!(gate);
+        let gate = async {
+            let _ = gate.await;
+        };
+        self.wait_down(gate, false).await
+    }
+
+    /// Waits, with no process, for `until`, and then starts one, while
+    /// obeying control messages: a stop or restart ends the wait, and a
+    /// swap is adopted for the next start, which with `start_adopted` is at
+    /// once.
+    async fn wait_down(&mut self, until: impl Future<Output = ()>, start_adopted: bool) -> Next {
+        tokio::pin!(until);
         loop {
             tokio::select! {
-                _ = &mut gate => return Next::Start,
+                () = &mut until => return Next::Start,
                 control = self.control.recv() => match control {
                     Some(Control::Wake) => {}
                     Some(Control::Versions { done }) => {
                         let _ = done.send(self.versions());
                     }
-                    // Adopted now, started when the gate opens.
                     Some(Control::Swap { request, done }) => {
-                        self.adopt_while_down(request, done, false).await;
+                        let adopted = self.adopt_while_down(request, done, false).await;
+                        if adopted && start_adopted {
+                            self.backoff.reset();
+                            return Next::Start;
+                        }
                     }
                     Some(Control::Stop { done }) => {
                         let _ = done.send(());
