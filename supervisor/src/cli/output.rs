@@ -57,25 +57,7 @@ pub fn status_table(status: &DaemonStatus) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut line = |cells: &[&str]| {
-        let mut text = String::new();
-        for (cell, width) in cells.iter().zip(widths) {
-            let _ = write!(text, "{cell:<width$}  ");
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for row in &rows {
-        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
-        line(&cells);
-    }
+    write_table(&mut out, header, &rows);
     for plugin in &status.plugins {
         if let Some(reason) = &plugin.reason {
             let _ = writeln!(out, "\n{} failed: {reason}", plugin.name);
@@ -136,15 +118,25 @@ pub fn version_table(versions: &[VersionReport]) -> String {
             ]
         })
         .collect();
-    let header = ["  VERSION", "HASH", "LAST ACTIVE", "SOURCE"];
+    let mut out = String::new();
+    write_table(
+        &mut out,
+        ["  VERSION", "HASH", "LAST ACTIVE", "SOURCE"],
+        &rows,
+    );
+    out
+}
+
+/// Appends `header` and `rows` as left-aligned columns two spaces apart,
+/// each as wide as its widest cell.
+fn write_table<const N: usize>(out: &mut String, header: [&str; N], rows: &[[String; N]]) {
     let mut widths = header.map(str::len);
-    for row in &rows {
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
+    let mut line = |cells: [&str; N]| {
         let mut text = String::new();
         for (cell, width) in cells.iter().zip(widths) {
             let _ = write!(text, "{cell:<width$}  ");
@@ -152,12 +144,10 @@ pub fn version_table(versions: &[VersionReport]) -> String {
         out.push_str(text.trim_end());
         out.push('\n');
     };
-    line(&header);
-    for row in &rows {
-        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
-        line(&cells);
+    line(header);
+    for row in rows {
+        line(row.each_ref().map(String::as_str));
     }
-    out
 }
 
 /// One line of `aurora logs`: time, level, source, text.
