@@ -243,9 +243,10 @@ pub fn encode_frame_around<T: CarriesPayload>(
     max_frame: u32,
     buf: &mut Vec<u8>,
 ) -> Result<Option<Around>, FrameError> {
-    let Some((payload, hollow)) = message
-        .take_payload()
-        .filter(|(payload, _)| payload.bytes.len() >= SPLICE_FROM)
+    let large = message
+        .payload()
+        .filter(|payload| payload.bytes.len() >= SPLICE_FROM);
+    let (Some(payload), Some(hollow)) = (large, large.and_then(|_| message.without_payload()))
     else {
         return encode_frame(message, max_frame, buf).map(|()| None);
     };

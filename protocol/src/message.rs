@@ -224,28 +224,44 @@ pub enum LogLevel {
 /// where it lies instead of copying it into the frame (see
 /// [`crate::frame::encode_frame_around`]).
 pub trait CarriesPayload: Serialize + Sized {
-    /// The payload, and the same message with an empty payload in its place.
-    fn take_payload(&self) -> Option<(&Payload, Self)>;
+    /// The payload, if this message carries one.
+    fn payload(&self) -> Option<&Payload>;
+
+    /// The same message with an empty payload in place of its own. Built
+    /// only for large payloads, so a small call costs no copy of its method
+    /// name.
+    fn without_payload(&self) -> Option<Self>;
 
     /// How many bytes of the message's encoding follow the payload's bytes.
     const AFTER_PAYLOAD: usize;
 }
 
+/// `payload` with its bytes left out.
+fn hollow(payload: &Payload) -> Payload {
+    Payload {
+        encoding: payload.encoding,
+        bytes: bytes::Bytes::new(),
+    }
+}
+
 impl CarriesPayload for HostMessage {
-    fn take_payload(&self) -> Option<(&Payload, Self)> {
+    fn payload(&self) -> Option<&Payload> {
+        match self {
+            HostMessage::Call(call) => Some(&call.payload),
+            _ => None,
+        }
+    }
+
+    fn without_payload(&self) -> Option<Self> {
         let HostMessage::Call(call) = self else {
             return None;
         };
-        let hollow = Call {
+        Some(HostMessage::Call(Call {
             id: call.id,
             method: call.method.clone(),
-            payload: Payload {
-                encoding: call.payload.encoding,
-                bytes: bytes::Bytes::new(),
-            },
+            payload: hollow(&call.payload),
             timeout_ms: call.timeout_ms,
-        };
-        Some((&call.payload, HostMessage::Call(hollow)))
+        }))
     }
 
     /// `timeout_ms`.
@@ -253,23 +269,25 @@ impl CarriesPayload for HostMessage {
 }
 
 impl CarriesPayload for PluginMessage {
-    fn take_payload(&self) -> Option<(&Payload, Self)> {
-        let PluginMessage::Reply(Reply {
-            id,
-            result: Ok(payload),
-        }) = self
-        else {
+    fn payload(&self) -> Option<&Payload> {
+        match self {
+            PluginMessage::Reply(Reply {
+                result: Ok(payload),
+                ..
+            }) => Some(payload),
+            _ => None,
+        }
+    }
+
+    fn without_payload(&self) -> Option<Self> {
+        let payload = self.payload()?;
+        let PluginMessage::Reply(reply) = self else {
             return None;
         };
-        let hollow = Payload {
-            encoding: payload.encoding,
-            bytes: bytes::Bytes::new(),
-        };
-        let reply = Reply {
-            id: *id,
-            result: Ok(hollow),
-        };
-        Some((payload, PluginMessage::Reply(reply)))
+        Some(PluginMessage::Reply(Reply {
+            id: reply.id,
+            result: Ok(hollow(payload)),
+        }))
     }
 
     /// The payload is the last field of a reply.
